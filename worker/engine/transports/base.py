@@ -1,0 +1,133 @@
+"""The one interface every transport implements (registry, OCI layout, dir, archives).
+
+The copier holds an ``ImageSource`` and an ``ImageDestination`` and never asks
+which transport it has. Both are bound to one image location (a repository in
+a registry, an OCI layout plus a ref name, a ``dir:`` folder, an archive plus
+an optional reference), so manifest calls take a tag or digest *within* that
+location and ``None`` means "the reference the user named".
+
+Rules every implementation keeps:
+
+* ``put_blob`` consumes an iterator of chunks and never holds the whole blob
+  in memory. It verifies size and digest while the bytes pass and raises
+  ``DigestMismatch``/``SizeMismatch`` *without committing* the blob when they
+  differ (for files: write to a temp name, rename only after verification).
+* ``put_manifest`` with a tag is only called after every blob and child
+  manifest it points to was put; transports that write a file at the end
+  (archives) do so in ``commit()``.
+* ``close()`` releases resources; for a destination, ``commit()`` makes the
+  result durable and visible (archives are written then); a destination that
+  was closed without commit leaves nothing half-written at the target path.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
+from typing import Any
+
+from worker.registry import Descriptor, Digest
+
+
+class ImageSource(abc.ABC):
+    """Read side of a transport."""
+
+    #: e.g. ``docker://localhost:5000/app:1`` or ``oci:/tmp/layout:app``
+    description: str = ""
+
+    @abc.abstractmethod
+    def get_manifest(self, ref: str | Digest | None = None) -> tuple[bytes, str]:
+        """Return ``(raw bytes, media type)`` of the manifest at ``ref``.
+
+        ``ref`` is a tag, a digest, or ``None`` for the location's own
+        reference. Raw bytes are returned exactly as stored. Raises
+        ``NotFound`` when absent.
+        """
+
+    def head_manifest(self, ref: str | Digest | None = None) -> Descriptor | None:
+        """Descriptor of the manifest at ``ref``, or ``None`` when absent (cheap where possible)."""
+        from worker.registry import NotFound
+
+        try:
+            raw, media_type = self.get_manifest(ref)
+        except NotFound:
+            return None
+        return Descriptor.of(media_type, raw)
+
+    @abc.abstractmethod
+    def open_blob(self, desc: Descriptor) -> AbstractContextManager[Iterator[bytes]]:
+        """Open a blob for streaming: ``with src.open_blob(d) as chunks: for c in chunks: ...``.
+
+        Implementations need not verify; the copier verifies every byte.
+        """
+
+    def list_tags(self) -> list[str]:
+        """Tags in this location (repository); transports without tags return ``[]``."""
+        return []
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources."""
+
+    def __enter__(self) -> ImageSource:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class ImageDestination(abc.ABC):
+    """Write side of a transport."""
+
+    description: str = ""
+
+    #: Manifest media types the destination accepts; the copier converts otherwise.
+    supported_manifest_types: frozenset[str] | None = None
+
+    #: True when the destination can store several images (an index with
+    #: children); dir: and docker-archive: hold one image only.
+    supports_index: bool = True
+
+    @abc.abstractmethod
+    def blob_exists(self, desc: Descriptor) -> bool:
+        """True when the destination already has this blob (HEAD / stat)."""
+
+    @abc.abstractmethod
+    def put_blob(self, desc: Descriptor, chunks: Iterable[bytes]) -> None:
+        """Store a blob from a stream of chunks, verifying size and digest before commit."""
+
+    def mount_blob(self, desc: Descriptor, from_repository: str) -> bool:
+        """Cross-repository mount from ``from_repository`` in the same registry.
+
+        Returns ``True`` when mounted, ``False`` when the destination cannot mount
+        (the caller then uploads).
+        """
+        return False
+
+    def has_manifest(self, digest: Digest) -> bool:
+        """True when a manifest with ``digest`` exists at the destination."""
+        return False
+
+    def head_manifest(self, ref: str | None = None) -> Descriptor | None:
+        """Descriptor of the manifest at ``ref`` (``None``: the location's reference), or ``None``."""
+        return None
+
+    @abc.abstractmethod
+    def put_manifest(self, raw: bytes, media_type: str, ref: str | Digest | None = None) -> None:
+        """Store a manifest by digest (``ref`` a Digest) or under a tag (``ref`` a str or ``None``).
+
+        ``None`` means the location's own reference (its tag, or for a
+        digest-only reference, by digest).
+        """
+
+    def commit(self) -> None:  # noqa: B027 - optional hook
+        """Make everything put so far durable and visible (archives write here)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources; without a prior ``commit()`` leave the target untouched."""
+
+    def __enter__(self) -> ImageDestination:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
