@@ -5,6 +5,17 @@ Import from here; the underscore modules are private.
 
 from __future__ import annotations
 
+from ._client import ClientOptions, Manifest, RegistryClient, RequestGate, RetryPolicy
+from ._credentials import (
+    Credentials,
+    default_auth_file,
+    get_login,
+    parse_creds,
+    remove_all_logins,
+    remove_login,
+    resolve_credentials,
+    store_login,
+)
 from ._errors import (
     Cancelled,
     ConnectionFailed,
@@ -39,8 +50,10 @@ __all__ = [
     "MANIFEST_ACCEPT",
     "MANIFEST_TYPES",
     "Cancelled",
+    "ClientOptions",
     "ConnectionFailed",
     "CopyFailed",
+    "Credentials",
     "Descriptor",
     "Digest",
     "DigestMismatch",
@@ -50,14 +63,18 @@ __all__ = [
     "InvalidDigest",
     "InvalidInput",
     "InvalidReference",
+    "Manifest",
     "ManifestError",
     "MediaType",
     "NetworkError",
     "NotFound",
     "Platform",
     "Reference",
+    "RegistryClient",
     "RegistryError",
+    "RequestGate",
     "RequestTimeout",
+    "RetryPolicy",
     "ServerError",
     "SizeMismatch",
     "TLSError",
@@ -66,7 +83,14 @@ __all__ = [
     "UnknownHost",
     "Unsupported",
     "VerifyingStream",
+    "default_auth_file",
+    "get_login",
     "is_temporary",
+    "parse_creds",
+    "remove_all_logins",
+    "remove_login",
+    "resolve_credentials",
+    "store_login",
     "verify_bytes",
     "verify_stream",
 ]

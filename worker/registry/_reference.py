@@ -79,9 +79,7 @@ class Reference:
             raise InvalidReference(f"invalid reference {original!r}: repository name must be lowercase")
         for comp in path.split("/"):
             if not _COMPONENT.match(comp):
-                raise InvalidReference(
-                    f"invalid reference {original!r}: invalid repository path component {comp!r}"
-                )
+                raise InvalidReference(f"invalid reference {original!r}: invalid repository path component {comp!r}")
         if len(registry) + 1 + len(path) > MAX_NAME:
             raise InvalidReference(f"invalid reference {original!r}: name longer than {MAX_NAME} characters")
         if tag is None and digest is None and default_tag:

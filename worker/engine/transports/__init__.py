@@ -1,0 +1,178 @@
+"""Transport names (``docker://``, ``oci:``, ``oci-archive:``, ``dir:``, ``docker-archive:``) and how to open them."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from worker.registry import (
+    ClientOptions,
+    Credentials,
+    InvalidInput,
+    Reference,
+    RegistryClient,
+    RetryPolicy,
+    resolve_credentials,
+)
+
+from .base import ImageDestination, ImageSource
+
+TRANSPORTS = ("docker", "oci", "oci-archive", "dir", "docker-archive")
+
+
+@dataclass(frozen=True)
+class ImageName:
+    """A parsed ``TRANSPORT:DETAILS`` image name as the user wrote it."""
+
+    transport: str
+    details: str
+    reference: Reference | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ImageName:
+        transport, sep, details = text.partition(":")
+        if not sep or transport not in TRANSPORTS:
+            known = ", ".join(f"{t}:" for t in TRANSPORTS)
+            raise InvalidInput(f"invalid image name {text!r}: expected TRANSPORT:DETAILS with one of {known}")
+        if transport == "docker":
+            if not details.startswith("//"):
+                raise InvalidInput(f"invalid image name {text!r}: docker references start with docker://")
+            return cls("docker", details[2:], Reference.parse(details[2:]))
+        if not details:
+            raise InvalidInput(f"invalid image name {text!r}: missing path after {transport}:")
+        return cls(transport, details)
+
+    def __str__(self) -> str:
+        if self.transport == "docker":
+            return f"docker://{self.reference}"
+        return f"{self.transport}:{self.details}"
+
+
+@dataclass
+class SideConfig:
+    """How to reach one side (source or destination): TLS, credentials, retries.
+
+    Explicit ``credentials`` (``--creds``) live only in this process; they never
+    travel in a task message.
+    """
+
+    tls_verify: bool | None = None
+    cert_dir: str | None = None
+    credentials: Credentials | None = None
+    authfile: str | None = None
+    no_creds: bool = False
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    chunk_size: int | None = None
+
+    def client_options(self) -> ClientOptions:
+        opts = ClientOptions(
+            tls_verify=True if self.tls_verify is None else self.tls_verify,
+            cert_dir=self.cert_dir,
+            retry=self.retry,
+        )
+        if self.chunk_size:
+            opts.chunk_size = self.chunk_size
+        return opts
+
+    def credentials_for(self, reference: Reference) -> Credentials | None:
+        if self.no_creds:
+            return None
+        if self.credentials is not None:
+            return self.credentials
+        return resolve_credentials(reference.registry, reference.repository, authfile=self.authfile)
+
+
+class ClientPool:
+    """One ``RegistryClient`` per (registry, credentials) so tokens and connections are reused."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._clients: dict[tuple[str, int], RegistryClient] = {}
+
+    def client(self, reference: Reference, side: SideConfig) -> RegistryClient:
+        creds = side.credentials_for(reference)
+        key = (reference.registry, id(side) ^ hash(creds))
+        with self._lock:
+            c = self._clients.get(key)
+            if c is None:
+                c = RegistryClient(reference.registry, credentials=creds, options=side.client_options())
+                self._clients[key] = c
+            return c
+
+    def close(self) -> None:
+        with self._lock:
+            for c in self._clients.values():
+                c.close()
+            self._clients.clear()
+
+
+def open_source(name: ImageName, side: SideConfig, pool: ClientPool | None = None) -> ImageSource:
+    if name.transport == "docker":
+        from .registry import RegistrySource
+
+        assert name.reference is not None
+        pool = pool or ClientPool()
+        return RegistrySource(name.reference, pool.client(name.reference, side))
+    if name.transport == "oci":
+        from .oci_layout import OCILayoutSource, parse_oci_spec
+
+        path, ref = parse_oci_spec(name.details)
+        return OCILayoutSource(path, ref)
+    if name.transport == "oci-archive":
+        from .oci_archive import OCIArchiveSource
+        from .oci_layout import parse_oci_spec
+
+        path, ref = parse_oci_spec(name.details)
+        return OCIArchiveSource(path, ref)
+    if name.transport == "dir":
+        from .dir import DirSource
+
+        return DirSource(name.details)
+    if name.transport == "docker-archive":
+        from .docker_archive import DockerArchiveSource, parse_docker_archive_spec
+
+        path, ref = parse_docker_archive_spec(name.details)
+        return DockerArchiveSource(path, ref)
+    raise InvalidInput(f"unsupported transport {name.transport}")
+
+
+def open_destination(name: ImageName, side: SideConfig, pool: ClientPool | None = None) -> ImageDestination:
+    if name.transport == "docker":
+        from .registry import RegistryDestination
+
+        assert name.reference is not None
+        pool = pool or ClientPool()
+        return RegistryDestination(name.reference, pool.client(name.reference, side))
+    if name.transport == "oci":
+        from .oci_layout import OCILayoutDestination, parse_oci_spec
+
+        path, ref = parse_oci_spec(name.details)
+        return OCILayoutDestination(path, ref)
+    if name.transport == "oci-archive":
+        from .oci_archive import OCIArchiveDestination
+        from .oci_layout import parse_oci_spec
+
+        path, ref = parse_oci_spec(name.details)
+        return OCIArchiveDestination(path, ref)
+    if name.transport == "dir":
+        from .dir import DirDestination
+
+        return DirDestination(name.details)
+    if name.transport == "docker-archive":
+        from .docker_archive import DockerArchiveDestination, parse_docker_archive_spec
+
+        path, ref = parse_docker_archive_spec(name.details)
+        return DockerArchiveDestination(path, ref)
+    raise InvalidInput(f"unsupported transport {name.transport}")
+
+
+__all__ = [
+    "TRANSPORTS",
+    "ClientPool",
+    "ImageDestination",
+    "ImageName",
+    "ImageSource",
+    "SideConfig",
+    "open_destination",
+    "open_source",
+]

@@ -1,0 +1,154 @@
+"""``ferry``: skopeo's verbs and flags, plus the distributed ones (worker, job).
+
+Every error a user can cause ends as one line on stderr and a non-zero exit;
+``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+from worker.registry import FerryError
+
+from . import verbs
+from .options import add_bool, add_retry_flags, add_side_flags, normalize_argv
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"Error: {message} (see '{self.prog} --help')\n")
+
+
+def _platform_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--override-os", metavar="OS", help="use OS instead of the running OS for choosing images")
+    p.add_argument("--override-arch", metavar="ARCH", help="use ARCH instead of the machine's architecture")
+    p.add_argument("--override-variant", metavar="VARIANT", help="use VARIANT instead of the machine's variant")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="ferry",
+        description="Move container images between registries, directories and archives; at scale with Celery.",
+    )
+    add_bool(parser, "--debug", help="show debug output and tracebacks")
+    add_bool(parser, "--insecure-policy", help="accepted for skopeo compatibility (Ferry does not verify signatures)")
+    parser.add_argument("--policy", help=argparse.SUPPRESS)
+    parser.add_argument("--registries-conf", help=argparse.SUPPRESS)
+    parser.add_argument("--tmpdir", help="directory for temporary files (archives)")
+    _platform_overrides(parser)
+    parser.add_argument("--version", action="version", version="ferry 0.1.0")
+    sub = parser.add_subparsers(dest="verb", metavar="COMMAND", parser_class=_Parser)
+
+    def verb(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = verb("inspect", verbs.inspect, "Inspect an image: its manifest, config and tags")
+    add_bool(p, "--raw", help="print the raw manifest (or with --config the raw config) without changes")
+    add_bool(p, "--config", help="print the image's config instead of the summary")
+    add_bool(p, "--no-tags", "-n", help="do not list the repository's tags")
+    p.add_argument("--format", "-f", metavar="TEMPLATE", help="format the output with a Go template")
+    _platform_overrides(p)
+    add_side_flags(p)
+    add_retry_flags(p)
+    p.add_argument("image", metavar="IMAGE-NAME")
+
+    p = verb("list-tags", verbs.list_tags, "List the tags of a repository")
+    add_side_flags(p)
+    add_retry_flags(p)
+    p.add_argument("repository", metavar="REPOSITORY-NAME")
+
+    p = verb("manifest-digest", verbs.manifest_digest, "Compute the digest of a manifest file")
+    p.add_argument("manifest", metavar="MANIFEST")
+
+    p = verb("delete", verbs.delete, "Delete an image from a registry")
+    add_side_flags(p)
+    add_retry_flags(p)
+    p.add_argument("image", metavar="IMAGE-NAME")
+
+    p = verb("login", verbs.login, "Log in to a registry and store the credentials")
+    p.add_argument("--authfile", metavar="PATH", help="path of the authentication file")
+    p.add_argument("--username", "-u", metavar="USERNAME")
+    p.add_argument("--password", "-p", metavar="PASSWORD")
+    add_bool(p, "--password-stdin", help="read the password from standard input")
+    add_bool(p, "--get-login", help="print the username stored for the registry")
+    p.add_argument("--cert-dir", metavar="PATH")
+    p.add_argument("--tls-verify", type=_bool_or_none, default=None, metavar="BOOL")
+    add_bool(p, "--verbose", "-v", help="say which file the credentials were written to")
+    p.add_argument("registry", metavar="REGISTRY")
+
+    p = verb("logout", verbs.logout, "Remove stored credentials for a registry")
+    p.add_argument("--authfile", metavar="PATH", help="path of the authentication file")
+    add_bool(p, "--all", "-a", help="remove the credentials of every registry")
+    p.add_argument("registry", nargs="?", metavar="REGISTRY")
+
+    from . import copy_cmd
+
+    copy_cmd.add_parsers(sub, verb)
+    return parser
+
+
+def _bool_or_none(text: str) -> bool:
+    from .options import parse_bool
+
+    return parse_bool(text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    from .options import BOOL_FLAGS
+
+    BOOL_FLAGS.add("--tls-verify")
+    args = parser.parse_args(normalize_argv(list(sys.argv[1:] if argv is None else argv)))
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not args.debug:
+        # httpx logs every request at INFO; keep them out unless asked
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("Error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except FerryError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"Error: {_one_line(str(exc))}", file=sys.stderr)
+        return EXIT_ERROR
+    except BrokenPipeError:
+        return EXIT_ERROR
+    except OSError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"Error: {_one_line(str(exc))}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # a bug: still one line, with the detail under --debug
+        if args.debug:
+            traceback.print_exc()
+        print(f"Error: internal error: {type(exc).__name__}: {_one_line(str(exc))} (run with --debug)", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Command-line flags shared by several verbs, spelled as skopeo spells them."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Sequence
+
+from worker.engine.transports import SideConfig
+from worker.registry import InvalidInput, RetryPolicy, parse_creds
+
+#: Boolean flags that skopeo accepts as ``--flag``, ``--flag=true`` and ``--flag=false``.
+BOOL_FLAGS: set[str] = set()
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "t", "true", "yes", "y", "on"):
+        return True
+    if value in ("0", "f", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean value {text!r} (use true or false)")
+
+
+def add_bool(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, *names: str, help: str, default: bool = False
+) -> None:
+    """A Go-style boolean flag: ``--x`` means true, ``--x=false`` false."""
+    BOOL_FLAGS.update(n for n in names if n.startswith("--"))
+    parser.add_argument(*names, type=parse_bool, default=default, metavar="BOOL", help=help)
+
+
+def normalize_argv(argv: Sequence[str]) -> list[str]:
+    """Give bare boolean flags an explicit ``=true`` so argparse never eats the next word as their value."""
+    out: list[str] = []
+    passthrough = False
+    for arg in argv:
+        if passthrough:
+            out.append(arg)
+        elif arg == "--":
+            passthrough = True
+            out.append(arg)
+        elif arg in BOOL_FLAGS:
+            out.append(arg + "=true")
+        else:
+            out.append(arg)
+    return out
+
+
+def parse_duration(text: str) -> float:
+    """Go durations (``10s``, ``1m30s``, ``500ms``) or plain seconds."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    total = 0.0
+    units = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+    pos = 0
+    for m in re.finditer(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * units[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (e.g. 10s, 1m30s)")
+    return total
+
+
+def add_side_flags(parser: argparse.ArgumentParser, prefix: str = "", what: str = "the registry") -> None:
+    """``--creds``, ``--authfile``, ``--tls-verify`` … with an optional ``src-``/``dest-`` prefix."""
+    p = f"--{prefix}"
+    g = parser.add_argument_group(f"{prefix.rstrip('-') or 'registry'} access")
+    g.add_argument(f"{p}authfile", metavar="PATH", help=f"path of the authentication file for {what}")
+    g.add_argument(f"{p}creds", metavar="USERNAME[:PASSWORD]", help=f"credentials for {what}")
+    g.add_argument(f"{p}username", metavar="USERNAME", help=f"username for {what}")
+    g.add_argument(f"{p}password", metavar="PASSWORD", help=f"password for {what}")
+    g.add_argument(f"{p}cert-dir", metavar="PATH", help="use certificates (*.crt, *.cert, *.key) at PATH")
+    add_bool(g, f"{p}no-creds", help=f"access {what} anonymously")
+    BOOL_FLAGS.add(f"{p}tls-verify")
+    g.add_argument(
+        f"{p}tls-verify",
+        type=parse_bool,
+        default=None,
+        metavar="BOOL",
+        help="require HTTPS and verify certificates (default true; =false also allows plain HTTP)",
+    )
+    if prefix:
+        # skopeo's deprecated spelling
+        g.add_argument(f"--{prefix}daemon-host", help=argparse.SUPPRESS)
+        g.add_argument(f"--{prefix}shared-blob-dir", help=argparse.SUPPRESS)
+
+
+def add_retry_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--retry-times", type=int, default=3, metavar="N", help="retry N times on temporary failures")
+    parser.add_argument(
+        "--retry-delay",
+        type=parse_duration,
+        default=None,
+        metavar="DURATION",
+        help="fixed delay between retries (default: exponential backoff)",
+    )
+
+
+def side_config(args: argparse.Namespace, prefix: str = "") -> SideConfig:
+    key = prefix.replace("-", "_")
+
+    def get(name: str) -> object:
+        return getattr(args, key + name, None)
+
+    creds_text = get("creds")
+    username = get("username")
+    password = get("password")
+    if get("no_creds") and (creds_text or username or password):
+        raise InvalidInput(f"--{prefix}no-creds cannot be used with --{prefix}creds or --{prefix}username")
+    if creds_text and (username or password):
+        raise InvalidInput(f"--{prefix}creds and --{prefix}username/--{prefix}password cannot be used together")
+    credentials = None
+    if creds_text:
+        credentials = parse_creds(str(creds_text))
+    elif username or password:
+        if not (username and password):
+            raise InvalidInput(f"--{prefix}username and --{prefix}password must be given together")
+        credentials = parse_creds(f"{username}:{password}")
+    retry_times = getattr(args, "retry_times", 3)
+    if retry_times is not None and retry_times < 0:
+        raise InvalidInput("--retry-times must be 0 or more")
+    return SideConfig(
+        tls_verify=get("tls_verify"),  # type: ignore[arg-type]
+        cert_dir=get("cert_dir"),  # type: ignore[arg-type]
+        credentials=credentials,
+        authfile=get("authfile") or os.environ.get("REGISTRY_AUTH_FILE"),  # type: ignore[arg-type]
+        no_creds=bool(get("no_creds")),
+        retry=RetryPolicy(
+            times=retry_times if retry_times is not None else 3, delay=getattr(args, "retry_delay", None)
+        ),
+    )

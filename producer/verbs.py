@@ -1,0 +1,212 @@
+"""The read verbs and the credential verbs: inspect, list-tags, manifest-digest, delete, login, logout."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+
+from worker.engine.inspect import go_json, host_platform, image_config, inspect_image
+from worker.engine.manifest import parse_manifest
+from worker.engine.transports import ClientPool, ImageName, SideConfig, open_source
+from worker.registry import (
+    Credentials,
+    Digest,
+    InvalidInput,
+    NotFound,
+    Reference,
+    RegistryClient,
+    get_login,
+    remove_all_logins,
+    remove_login,
+    store_login,
+)
+
+from .gotemplate import render
+from .options import side_config
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _wanted_platform(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    return host_platform(args.override_os, args.override_arch, args.override_variant)
+
+
+def inspect(args: argparse.Namespace) -> int:
+    name = ImageName.parse(args.image)
+    side = side_config(args)
+    pool = ClientPool()
+    try:
+        src = open_source(name, side, pool)
+        with src:
+            wanted = _wanted_platform(args)
+            if args.config:
+                raw_config = image_config(src, wanted)
+                if args.raw:
+                    sys.stdout.buffer.write(raw_config)
+                    sys.stdout.flush()
+                else:
+                    _write(go_json(json.loads(raw_config)) + "\n")
+                return 0
+            if args.raw:
+                raw, _mt = src.get_manifest(None)
+                sys.stdout.buffer.write(raw)
+                sys.stdout.flush()
+                return 0
+            ref_name = name.reference.name if name.reference is not None else None
+            out = inspect_image(src, name=ref_name, tags=None, wanted=wanted)
+            if name.reference is not None and not args.no_tags:
+                out["RepoTags"] = src.list_tags()
+            if args.format:
+                _write(render(args.format, out) + "\n")
+            else:
+                _write(go_json(out) + "\n")
+            return 0
+    finally:
+        pool.close()
+
+
+def list_tags(args: argparse.Namespace) -> int:
+    name = ImageName.parse(args.repository)
+    if name.transport != "docker":
+        raise InvalidInput(f"list-tags supports only docker:// repositories, not {name.transport}:")
+    assert name.reference is not None
+    ref = name.reference
+    if ref.digest is not None or (
+        ref.tag and not args.repository.endswith(":latest") and ":" in _last(args.repository)
+    ):
+        raise InvalidInput(f"invalid repository name {args.repository!r}: a repository takes no tag or digest")
+    pool = ClientPool()
+    try:
+        src = open_source(name, side_config(args), pool)
+        tags = src.list_tags()
+    finally:
+        pool.close()
+    _write(go_json({"Repository": ref.name, "Tags": tags}) + "\n")
+    return 0
+
+
+def _last(text: str) -> str:
+    return text.rsplit("/", 1)[-1]
+
+
+def manifest_digest(args: argparse.Namespace) -> int:
+    try:
+        with open(args.manifest, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise InvalidInput(f"cannot read manifest {args.manifest}: {exc.strerror}") from None
+    _write(str(manifest_digest_of(raw)) + "\n")
+    return 0
+
+
+def manifest_digest_of(raw: bytes) -> Digest:
+    """The digest of a manifest; for a signed schema 1 manifest, of its payload without signatures."""
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        raise InvalidInput("the file is not a JSON manifest") from None
+    if isinstance(obj, dict) and obj.get("schemaVersion") == 1 and obj.get("signatures"):
+        import base64
+
+        sig = obj["signatures"][0]
+        protected = sig.get("protected", "")
+        header = json.loads(base64.urlsafe_b64decode(protected + "=" * (-len(protected) % 4)))
+        length = int(header["formatLength"])
+        tail = base64.urlsafe_b64decode(header["formatTail"] + "=" * (-len(header["formatTail"]) % 4))
+        return Digest.of(raw[:length] + tail)
+    return Digest.of(raw)
+
+
+def delete(args: argparse.Namespace) -> int:
+    name = ImageName.parse(args.image)
+    if name.transport != "docker":
+        raise InvalidInput(f"delete supports only docker:// images, not {name.transport}:")
+    ref = name.reference
+    assert ref is not None
+    pool = ClientPool()
+    try:
+        client = pool.client(ref, side_config(args))
+        digest = ref.digest
+        if digest is None:
+            desc = client.head_manifest(ref.repository, ref.identifier)
+            if desc is None:
+                raise NotFound(f"deleting {ref}: manifest unknown (no such tag)", status=404)
+            digest = desc.digest
+        client.delete_manifest(ref.repository, digest)
+    finally:
+        pool.close()
+    return 0
+
+
+def _registry_arg(text: str) -> str:
+    """The key under which credentials are stored: ``host[:port][/namespace]`` without scheme."""
+    for prefix in ("https://", "http://", "docker://"):
+        if text.startswith(prefix):
+            text = text[len(prefix) :]
+    return text.rstrip("/")
+
+
+def login(args: argparse.Namespace) -> int:
+    registry = _registry_arg(args.registry)
+    if args.get_login:
+        user = get_login(registry, authfile=args.authfile)
+        if user is None:
+            raise InvalidInput(f"not logged into {registry}")
+        _write(user + "\n")
+        return 0
+    if args.password_stdin and args.password:
+        raise InvalidInput("--password and --password-stdin cannot be used together")
+    username = args.username
+    password = args.password
+    if args.password_stdin:
+        password = sys.stdin.read().rstrip("\r\n")
+        if not username:
+            raise InvalidInput("--username must be given with --password-stdin")
+    if not username:
+        if not sys.stdin.isatty():
+            raise InvalidInput("a username is required: use --username")
+        username = input("Username: ")
+    if password is None:
+        if not sys.stdin.isatty():
+            raise InvalidInput("a password is required: use --password or --password-stdin")
+        password = getpass.getpass("Password: ")
+    if not username or not password:
+        raise InvalidInput("username and password must not be empty")
+    creds = Credentials(username=username, password=password)
+    host = registry.split("/", 1)[0]
+    ref = Reference.parse(f"{host}/login-check")
+    side = SideConfig(tls_verify=args.tls_verify, cert_dir=args.cert_dir, credentials=creds)
+    client = RegistryClient(ref.registry, credentials=creds, options=side.client_options())
+    try:
+        client.ping()
+    finally:
+        client.close()
+    path = store_login(registry, creds, authfile=args.authfile)
+    if args.verbose:
+        print(f"Used: {path}", file=sys.stderr)
+    _write("Login Succeeded!\n")
+    return 0
+
+
+def logout(args: argparse.Namespace) -> int:
+    if args.all:
+        if args.registry:
+            raise InvalidInput("--all takes no registry")
+        remove_all_logins(authfile=args.authfile)
+        _write("Removed login credentials for all registries\n")
+        return 0
+    if not args.registry:
+        raise InvalidInput("a registry is required (or --all)")
+    registry = _registry_arg(args.registry)
+    if not remove_login(registry, authfile=args.authfile):
+        raise InvalidInput(f"not logged into {registry}")
+    _write(f"Removed login credentials for {registry}\n")
+    return 0
+
+
+_ = parse_manifest

@@ -1,0 +1,165 @@
+"""Reading manifests and indexes, choosing platforms, and converting Docker v2s2 <-> OCI."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.registry import Descriptor, InvalidInput, ManifestError, MediaType, Platform
+
+_DOCKER_TO_OCI = {
+    MediaType.DOCKER_MANIFEST: MediaType.OCI_MANIFEST,
+    MediaType.DOCKER_MANIFEST_LIST: MediaType.OCI_INDEX,
+    MediaType.DOCKER_CONFIG: MediaType.OCI_CONFIG,
+    MediaType.DOCKER_LAYER: MediaType.OCI_LAYER_GZIP,
+    "application/vnd.docker.image.rootfs.diff.tar": MediaType.OCI_LAYER,
+    MediaType.DOCKER_FOREIGN_LAYER: "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+}
+_OCI_TO_DOCKER = {
+    MediaType.OCI_MANIFEST: MediaType.DOCKER_MANIFEST,
+    MediaType.OCI_INDEX: MediaType.DOCKER_MANIFEST_LIST,
+    MediaType.OCI_CONFIG: MediaType.DOCKER_CONFIG,
+    MediaType.OCI_LAYER_GZIP: MediaType.DOCKER_LAYER,
+    MediaType.OCI_LAYER: "application/vnd.docker.image.rootfs.diff.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip": MediaType.DOCKER_FOREIGN_LAYER,
+}
+
+INDEX_TYPES = frozenset({MediaType.OCI_INDEX.value, MediaType.DOCKER_MANIFEST_LIST.value})
+IMAGE_TYPES = frozenset({MediaType.OCI_MANIFEST.value, MediaType.DOCKER_MANIFEST.value})
+SCHEMA1_TYPES = frozenset({MediaType.DOCKER_MANIFEST_V1.value, MediaType.DOCKER_MANIFEST_V1_SIGNED.value})
+
+
+@dataclass
+class ParsedManifest:
+    media_type: str
+    obj: dict[str, Any]
+    manifests: list[Descriptor] = field(default_factory=list)
+    config: Descriptor | None = None
+    layers: list[Descriptor] = field(default_factory=list)
+    subject: Descriptor | None = None
+    schema1: dict[str, Any] | None = None
+
+    @property
+    def is_index(self) -> bool:
+        return self.media_type in INDEX_TYPES
+
+    @property
+    def blobs(self) -> list[Descriptor]:
+        """Config and layers: what must exist before this manifest is pushed."""
+        out = [self.config] if self.config is not None else []
+        out.extend(self.layers)
+        return out
+
+
+def parse_manifest(raw: bytes, media_type: str) -> ParsedManifest:
+    try:
+        obj = json.loads(raw)
+    except ValueError as exc:
+        raise ManifestError(f"malformed manifest: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ManifestError("malformed manifest: not a JSON object")
+    media_type = media_type or str(obj.get("mediaType") or "")
+    try:
+        if media_type in SCHEMA1_TYPES or obj.get("schemaVersion") == 1:
+            return ParsedManifest(media_type or MediaType.DOCKER_MANIFEST_V1_SIGNED.value, obj, schema1=obj)
+        if media_type in INDEX_TYPES or ("manifests" in obj and "layers" not in obj):
+            return ParsedManifest(
+                media_type or MediaType.OCI_INDEX.value,
+                obj,
+                manifests=[Descriptor.from_json(d) for d in obj.get("manifests") or []],
+                subject=Descriptor.from_json(obj["subject"]) if isinstance(obj.get("subject"), dict) else None,
+            )
+        config = obj.get("config")
+        return ParsedManifest(
+            media_type or MediaType.OCI_MANIFEST.value,
+            obj,
+            config=Descriptor.from_json(config) if isinstance(config, dict) else None,
+            layers=[Descriptor.from_json(d) for d in obj.get("layers") or []],
+            subject=Descriptor.from_json(obj["subject"]) if isinstance(obj.get("subject"), dict) else None,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ManifestError(f"malformed manifest of type {media_type}: {exc}") from None
+
+
+def _variant_rank(arch: str, variant: str) -> str:
+    if arch == "arm64" and variant in ("", "v8"):
+        return "v8"
+    return variant
+
+
+def pick_platform(manifests: list[Descriptor], wanted: Platform) -> Descriptor:
+    """Choose the index entry for ``wanted`` the way containers/image does; error when none fits."""
+    candidates = [d for d in manifests if d.platform is not None]
+    for d in candidates:
+        p = d.platform
+        assert p is not None
+        if (
+            p.os == wanted.os
+            and p.architecture == wanted.architecture
+            and _variant_rank(p.architecture, p.variant) == _variant_rank(wanted.architecture, wanted.variant)
+        ):
+            return d
+    if not wanted.variant:
+        for d in candidates:
+            p = d.platform
+            assert p is not None
+            if p.os == wanted.os and p.architecture == wanted.architecture:
+                return d
+    available = ", ".join(str(d.platform) for d in candidates) or "none"
+    raise InvalidInput(f"no image found in manifest list for architecture {wanted} (available: {available})")
+
+
+def platform_of(d: Descriptor) -> Platform | None:
+    return d.platform
+
+
+def _json(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def convert_manifest(raw: bytes, media_type: str, target: str, child_map: dict[str, Descriptor] | None = None) -> bytes:
+    """Convert an image manifest or an index between Docker v2s2 and OCI.
+
+    ``target`` is ``"oci"`` or ``"v2s2"``. For an index, ``child_map`` maps each
+    old child digest to its converted descriptor. Layers keep their bytes
+    (gzip tar is gzip tar in both formats), so only the JSON changes.
+    """
+    m = parse_manifest(raw, media_type)
+    table: dict[Any, Any] = _DOCKER_TO_OCI if target == "oci" else _OCI_TO_DOCKER
+    obj = dict(m.obj)
+    if m.schema1 is not None:
+        raise ManifestError("cannot convert a Docker schema 1 manifest")
+    new_type = table.get(media_type, media_type)
+    if target == "v2s2":
+        for d in m.layers:
+            if d.media_type not in table and d.media_type not in _DOCKER_TO_OCI:
+                raise InvalidInput(f"cannot convert layer of type {d.media_type} to Docker v2s2")
+        if obj.get("annotations") or obj.get("subject") or obj.get("artifactType"):
+            raise InvalidInput(
+                "cannot convert to Docker v2s2: the manifest has annotations, a subject or an artifactType"
+            )
+    obj["mediaType"] = str(new_type)
+    if m.is_index:
+        entries = []
+        for e in obj.get("manifests") or []:
+            e = dict(e)
+            if child_map and e["digest"] in child_map:
+                nd = child_map[e["digest"]]
+                e["digest"], e["size"], e["mediaType"] = str(nd.digest), nd.size, nd.media_type
+            else:
+                e["mediaType"] = str(table.get(e.get("mediaType", ""), e.get("mediaType", "")))
+            entries.append(e)
+        obj["manifests"] = entries
+    else:
+        cfg = dict(obj["config"])
+        cfg["mediaType"] = str(table.get(cfg.get("mediaType", ""), cfg.get("mediaType", "")))
+        obj["config"] = cfg
+        obj["layers"] = [
+            {**layer, "mediaType": str(table.get(layer.get("mediaType", ""), layer.get("mediaType", "")))}
+            for layer in obj.get("layers") or []
+        ]
+    order = ["schemaVersion", "mediaType", "config", "layers", "manifests", "annotations"]
+    ordered = {k: obj[k] for k in order if k in obj}
+    ordered.update({k: v for k, v in obj.items() if k not in ordered})
+    return _json(ordered)

@@ -1,0 +1,319 @@
+"""The ``dir:PATH`` transport: one image (or one multi-arch copy) as plain files in a directory.
+
+The layout is the one containers/image writes (and skopeo reads)::
+
+    PATH/version                       "Directory Transport Version: 1.1\\n"
+    PATH/manifest.json                 the top-level manifest, raw bytes
+    PATH/<hex>                         every blob, named by its digest's hex part only
+                                       (for sha512 too: containers uses ``Digest.Encoded()``)
+    PATH/<hex>.manifest.json           child manifests of a multi-arch copy (``--all``)
+    PATH/signature-N, <hex>.signature-N  signatures (ignored here)
+
+Destination semantics follow containers/image: a missing PATH is created; an existing
+empty directory is used; an existing non-empty directory is replaced only when it holds a
+previous ``dir:`` image (its ``version`` file matches), otherwise it is refused so unrelated
+data is never deleted; a PATH that is not a directory is refused.
+
+Unlike containers/image (which erases the old image when the destination is opened), Ferry
+stages everything in a hidden directory inside PATH and swaps it in at ``commit()``: a copy
+that fails or is closed without commit leaves a previous image in PATH untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
+
+from worker.registry import (
+    Descriptor,
+    Digest,
+    InvalidInput,
+    ManifestError,
+    MediaType,
+    NotFound,
+    verify_bytes,
+    verify_stream,
+)
+
+from .base import ImageDestination, ImageSource
+
+__all__ = ["DIR_VERSION", "DirDestination", "DirSource", "guess_manifest_media_type"]
+
+#: Content of ``PATH/version`` (containers/image ``directory.version``).
+DIR_VERSION = "Directory Transport Version: 1.1\n"
+
+_CHUNK = 1 << 20
+_STAGING_PREFIX = ".ferry-staging-"
+_MANIFEST = "manifest.json"
+_VERSION = "version"
+
+
+def guess_manifest_media_type(raw: bytes) -> str:
+    """The media type of manifest bytes, decided like containers/image ``manifest.GuessMIMEType``.
+
+    Returns ``""`` when the bytes are not JSON or the type cannot be told.
+    """
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return ""
+    if not isinstance(obj, dict):
+        return ""
+    mt = obj.get("mediaType")
+    if mt in (MediaType.DOCKER_MANIFEST, MediaType.DOCKER_MANIFEST_LIST, MediaType.OCI_MANIFEST, MediaType.OCI_INDEX):
+        return str(mt)
+    version = obj.get("schemaVersion")
+    if version == 1:
+        signed = obj.get("signatures") is not None
+        return MediaType.DOCKER_MANIFEST_V1_SIGNED if signed else MediaType.DOCKER_MANIFEST_V1
+    if version == 2:
+        config = obj.get("config")
+        config_mt = config.get("mediaType", "") if isinstance(config, dict) else ""
+        if config_mt == MediaType.OCI_CONFIG:
+            return MediaType.OCI_MANIFEST
+        if config_mt == MediaType.DOCKER_CONFIG:
+            return MediaType.DOCKER_MANIFEST
+        manifests = obj.get("manifests")
+        if isinstance(manifests, list) and manifests:
+            return MediaType.OCI_INDEX if not config_mt else str(config_mt)
+        return MediaType.OCI_MANIFEST
+    return ""
+
+
+@contextlib.contextmanager
+def _open_chunks(path: str, what: str) -> Iterator[Iterator[bytes]]:
+    """``with _open_chunks(p, w) as chunks``: the file's bytes in 1 MiB chunks, closed when the block ends."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        raise NotFound(f"{what} not found") from None
+    with f:
+        yield iter(lambda: f.read(_CHUNK), b"")
+
+
+def _blob_name(digest: Digest) -> str:
+    return digest.hex
+
+
+def _child_manifest_name(digest: Digest) -> str:
+    return f"{digest.hex}.manifest.json"
+
+
+class DirSource(ImageSource):
+    """Read an image written by ``skopeo copy ... dir:PATH`` (or by :class:`DirDestination`)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.description = f"dir:{path}"
+        if not os.path.isdir(path):
+            raise NotFound(f"dir:{path}: no such directory")
+        if not os.path.isfile(os.path.join(path, _MANIFEST)):
+            raise NotFound(f"dir:{path}: no {_MANIFEST} (not a dir: image)")
+
+    def _read(self, name: str) -> bytes | None:
+        try:
+            with open(os.path.join(self.path, name), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def get_manifest(self, ref: str | Digest | None = None) -> tuple[bytes, str]:
+        if isinstance(ref, str):
+            try:
+                ref = Digest.parse(ref)
+            except InvalidInput:
+                raise NotFound(f"{self.description}: no manifest tagged {ref!r} (dir: has no tags)") from None
+        if ref is None:
+            raw = self._read(_MANIFEST)
+            if raw is None:
+                raise NotFound(f"{self.description}: {_MANIFEST} not found")
+            return raw, guess_manifest_media_type(raw)
+        raw = self._read(_child_manifest_name(ref))
+        if raw is None:
+            top = self._read(_MANIFEST)
+            if top is not None and Digest.of(top, ref.algorithm) == ref:
+                raw = top
+        if raw is None:
+            raise NotFound(f"{self.description}: manifest {ref} not found")
+        return raw, guess_manifest_media_type(raw)
+
+    def open_blob(self, desc: Descriptor) -> AbstractContextManager[Iterator[bytes]]:
+        path = os.path.join(self.path, _blob_name(desc.digest))
+        if not os.path.isfile(path):
+            raise NotFound(f"{self.description}: blob {desc.digest} not found")
+        return _open_chunks(path, f"{self.description}: blob {desc.digest}")
+
+
+def _is_staging(name: str) -> bool:
+    return name.startswith(_STAGING_PREFIX)
+
+
+class DirDestination(ImageDestination):
+    """Write one image (or a multi-arch copy: top manifest plus ``<hex>.manifest.json`` children) to ``dir:PATH``."""
+
+    supported_manifest_types = None
+    supports_index = True
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.description = f"dir:{path}"
+        self._created: list[str] = []
+        self._committed = False
+        self._closed = False
+        if os.path.lexists(path):
+            if not os.path.isdir(path):
+                raise InvalidInput(f"{self.description}: exists and is not a directory")
+            entries = [e for e in os.listdir(path) if not _is_staging(e)]
+            if entries and not self._holds_dir_image():
+                raise InvalidInput(
+                    f"{self.description}: not a containers image directory, don't want to overwrite important data"
+                )
+        else:
+            self._created = self._make_dirs(path)
+        try:
+            self._staging = tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=path)
+        except OSError:
+            self._remove_created()
+            raise
+
+    def _holds_dir_image(self) -> bool:
+        try:
+            with open(os.path.join(self.path, _VERSION), "rb") as f:
+                return f.read() == DIR_VERSION.encode()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return False
+
+    @staticmethod
+    def _make_dirs(path: str) -> list[str]:
+        """``mkdir -p path``; returns the directories created, deepest first (to undo)."""
+        missing: list[str] = []
+        p = os.path.abspath(path)
+        while not os.path.lexists(p):
+            missing.append(p)
+            parent = os.path.dirname(p)
+            if parent == p:
+                break
+            p = parent
+        os.makedirs(path, exist_ok=True)
+        return missing
+
+    def _remove_created(self) -> None:
+        for d in self._created:
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+        self._created = []
+
+    def _check_open(self) -> None:
+        if self._closed or self._committed:
+            raise RuntimeError(f"{self.description}: destination already committed or closed")
+
+    def _staged(self, name: str) -> str:
+        return os.path.join(self._staging, name)
+
+    def _write_staged(self, name: str, chunks: Iterable[bytes]) -> None:
+        """Write ``chunks`` to a temp file in staging, then rename it to ``name`` (only if iteration succeeds)."""
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self._staging)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self._staged(name))
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def blob_exists(self, desc: Descriptor) -> bool:
+        try:
+            return os.stat(self._staged(_blob_name(desc.digest))).st_size == desc.size
+        except FileNotFoundError:
+            return False
+
+    def put_blob(self, desc: Descriptor, chunks: Iterable[bytes]) -> None:
+        self._check_open()
+        self._write_staged(_blob_name(desc.digest), verify_stream(chunks, desc))
+
+    def put_manifest(self, raw: bytes, media_type: str, ref: str | Digest | None = None) -> None:
+        self._check_open()
+        if isinstance(ref, Digest):
+            verify_bytes(raw, ref, f"manifest {ref}")
+            name = _child_manifest_name(ref)
+        else:
+            name = _MANIFEST
+        self._write_staged(name, [raw])
+
+    def _staged_manifest(self) -> bytes | None:
+        try:
+            with open(self._staged(_MANIFEST), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def has_manifest(self, digest: Digest) -> bool:
+        if os.path.exists(self._staged(_child_manifest_name(digest))):
+            return True
+        top = self._staged_manifest()
+        return top is not None and Digest.of(top, digest.algorithm) == digest
+
+    def head_manifest(self, ref: str | None = None) -> Descriptor | None:
+        top = self._staged_manifest()
+        if top is None:
+            return None
+        return Descriptor.of(guess_manifest_media_type(top), top)
+
+    def commit(self) -> None:
+        """Replace PATH's contents with the staged image: blobs and children first, ``manifest.json`` last."""
+        self._check_open()
+        if not os.path.exists(self._staged(_MANIFEST)):
+            raise ManifestError(f"{self.description}: nothing to commit, no manifest was written")
+        with open(self._staged(_VERSION), "w", encoding="ascii") as f:
+            f.write(DIR_VERSION)
+        staging_name = os.path.basename(self._staging)
+        for entry in os.listdir(self.path):
+            if entry == staging_name:
+                continue
+            full = os.path.join(self.path, entry)
+            if os.path.isdir(full) and not os.path.islink(full):
+                shutil.rmtree(full)
+            else:
+                os.unlink(full)
+        names = sorted(os.listdir(self._staging), key=lambda n: (n == _MANIFEST, n == _VERSION, n))
+        for name in names:
+            if name.startswith(".tmp-"):
+                continue
+            os.replace(self._staged(name), os.path.join(self.path, name))
+        shutil.rmtree(self._staging, ignore_errors=True)
+        _fsync_dir(self.path)
+        self._committed = True
+        self._created = []
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self._committed:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._remove_created()
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

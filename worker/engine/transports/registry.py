@@ -1,0 +1,71 @@
+"""The ``docker://`` transport: a repository in a registry, through ``RegistryClient``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
+
+from worker.registry import Descriptor, Digest, Reference, RegistryClient
+
+from .base import ImageDestination, ImageSource
+
+
+def _ref(reference: Reference, ref: str | Digest | None) -> str | Digest:
+    if ref is None:
+        return reference.digest if reference.digest is not None else (reference.tag or "latest")
+    return ref
+
+
+class RegistrySource(ImageSource):
+    def __init__(self, reference: Reference, client: RegistryClient) -> None:
+        self.reference = reference
+        self.client = client
+        self.description = f"docker://{reference}"
+
+    @property
+    def repository(self) -> str:
+        return self.reference.repository
+
+    def get_manifest(self, ref: str | Digest | None = None) -> tuple[bytes, str]:
+        m = self.client.get_manifest(self.repository, _ref(self.reference, ref))
+        return m.raw, m.media_type
+
+    def head_manifest(self, ref: str | Digest | None = None) -> Descriptor | None:
+        return self.client.head_manifest(self.repository, _ref(self.reference, ref))
+
+    def open_blob(self, desc: Descriptor) -> AbstractContextManager[Iterator[bytes]]:
+        return self.client.open_blob(self.repository, desc.digest, desc.size)
+
+    def list_tags(self) -> list[str]:
+        return self.client.list_tags(self.repository)
+
+
+class RegistryDestination(ImageDestination):
+    def __init__(self, reference: Reference, client: RegistryClient) -> None:
+        self.reference = reference
+        self.client = client
+        self.description = f"docker://{reference}"
+        #: called with the byte count of each piece uploaded
+        self.progress: Callable[[int], None] | None = None
+
+    @property
+    def repository(self) -> str:
+        return self.reference.repository
+
+    def blob_exists(self, desc: Descriptor) -> bool:
+        return self.client.blob_exists(self.repository, desc.digest)
+
+    def put_blob(self, desc: Descriptor, chunks: Iterable[bytes]) -> None:
+        self.client.upload_blob(self.repository, desc, chunks, progress=self.progress)
+
+    def mount_blob(self, desc: Descriptor, from_repository: str) -> bool:
+        return self.client.mount_blob(self.repository, desc.digest, from_repository)
+
+    def has_manifest(self, digest: Digest) -> bool:
+        return self.client.head_manifest(self.repository, digest) is not None
+
+    def head_manifest(self, ref: str | None = None) -> Descriptor | None:
+        return self.client.head_manifest(self.repository, _ref(self.reference, ref))
+
+    def put_manifest(self, raw: bytes, media_type: str, ref: str | Digest | None = None) -> None:
+        self.client.put_manifest(self.repository, _ref(self.reference, ref), raw, media_type)
