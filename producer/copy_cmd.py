@@ -1,11 +1,170 @@
-"""``copy`` (and later ``sync``): plan, then run on the embedded executor or a Celery queue."""
+"""``copy``: plan, then run on the embedded executor (default) or on Celery workers (``--queue``)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
+import sys
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
+
+from worker.engine.copy import CopyJob, build_plan
+from worker.engine.executor import EmbeddedExecutor, Report
+from worker.engine.inspect import host_platform
+from worker.engine.plan import CopyOptions, MultiArch, Plan
+from worker.engine.steps import EngineContext
+from worker.engine.transports import ImageName
+from worker.registry import InvalidInput, Platform
+
+from .options import add_bool, add_retry_flags, add_side_flags, side_config
+from .progress import make_progress, summary_line
+
+EXIT_INTERRUPTED = 130
+
+
+def add_copy_flags(p: argparse.ArgumentParser) -> None:
+    add_bool(p, "--all", "-a", help="copy all images of a multi-arch index (same as --multi-arch=all)")
+    p.add_argument(
+        "--multi-arch",
+        choices=("system", "all", "index-only"),
+        default=None,
+        help="which images of an index to copy (default: system, the one for this platform)",
+    )
+    p.add_argument(
+        "--platform",
+        action="append",
+        default=[],
+        metavar="OS/ARCH[/VARIANT]",
+        help="copy only these platforms of an index (repeatable); the index is rewritten to list just them",
+    )
+    add_bool(p, "--preserve-digests", help="fail rather than change any digest (no conversion, no subset)")
+    p.add_argument("--format", "-f", choices=("oci", "v2s2"), default=None, help="manifest format at the destination")
+    add_bool(p, "--remove-signatures", help="do not copy signatures")
+    p.add_argument("--sign-by", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--image-parallel-copies",
+        type=int,
+        default=6,
+        metavar="N",
+        help="blobs copied at once (default 6)",
+    )
+    p.add_argument("--digestfile", metavar="PATH", help="write the digest of the written manifest to PATH")
+    p.add_argument("--summary-json", metavar="PATH", help="write the run summary as JSON to PATH")
+    add_bool(p, "--quiet", "-q", help="print nothing but errors")
+    p.add_argument("--dest-compress", help=argparse.SUPPRESS)
+    p.add_argument("--dest-compress-format", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--queue",
+        metavar="REDIS-URL",
+        default=None,
+        help="enqueue on Celery workers through this Redis (default: $FERRY_QUEUE; none: run here)",
+    )
+    add_bool(p, "--wait", help="with --queue: follow the job until it ends and exit with its outcome")
+    add_side_flags(p, "src-", "the source")
+    add_side_flags(p, "dest-", "the destination")
+    add_retry_flags(p)
 
 
 def add_parsers(sub: Any, verb: Callable[..., argparse.ArgumentParser]) -> None:
-    return None
+    p = verb("copy", copy, "Copy an image (or a multi-arch index) from one location to another")
+    add_copy_flags(p)
+    p.add_argument("--additional-tag", action="append", default=[], metavar="TAG", help="also tag the copy as TAG")
+    p.add_argument("source", metavar="SOURCE-IMAGE")
+    p.add_argument("destination", metavar="DESTINATION-IMAGE")
+
+
+def copy_options(args: argparse.Namespace) -> CopyOptions:
+    multi: MultiArch = args.multi_arch or ("all" if args.all else "system")
+    if args.all and args.multi_arch not in (None, "all"):
+        raise InvalidInput("--all and --multi-arch cannot disagree")
+    platforms = tuple(Platform.parse(p) for p in args.platform)
+    if args.image_parallel_copies < 1:
+        raise InvalidInput("--image-parallel-copies must be 1 or more")
+    for tag in getattr(args, "additional_tag", []):
+        from worker.registry import Reference
+
+        try:
+            Reference.parse(f"x/y:{tag}")
+        except InvalidInput:
+            raise InvalidInput(f"invalid --additional-tag {tag!r}") from None
+    return CopyOptions(
+        multi_arch=multi,
+        platforms=platforms,
+        system_platform=host_platform(args.override_os, args.override_arch, args.override_variant),
+        format=args.format,
+        preserve_digests=args.preserve_digests,
+        remove_signatures=args.remove_signatures,
+        additional_tags=tuple(getattr(args, "additional_tag", [])),
+    )
+
+
+def engine_context(args: argparse.Namespace) -> EngineContext:
+    src_side = side_config(args, "src-")
+    dest_side = side_config(args, "dest-")
+    from worker.engine.blobcache import SqliteBlobLocations
+
+    return EngineContext(source_side=src_side, dest_side=dest_side, locations=SqliteBlobLocations())
+
+
+def write_outputs(args: argparse.Namespace, report: Report, plan: Plan) -> None:
+    if args.summary_json:
+        with open(args.summary_json, "w") as f:
+            json.dump(report.to_json(), f, indent=2)
+            f.write("\n")
+    if getattr(args, "digestfile", None):
+        digests = [i.digest for i in report.images if i.status in ("done", "up-to-date")]
+        if digests:
+            with open(args.digestfile, "w") as f:
+                f.write(digests[0])
+
+
+def run_embedded(args: argparse.Namespace, ctx: EngineContext, plan: Plan, quiet: bool) -> Report:
+    progress = make_progress(quiet)
+    ctx.on_bytes = progress.on_bytes
+    executor = EmbeddedExecutor(ctx, parallel=args.image_parallel_copies, events=progress)
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        ctx.cancel.set()
+
+    old = signal.signal(signal.SIGINT, interrupt)
+    old_term = signal.signal(signal.SIGTERM, interrupt)
+    progress.start(plan)
+    try:
+        report = executor.run(plan)
+    finally:
+        progress.stop()
+        signal.signal(signal.SIGINT, old)
+        signal.signal(signal.SIGTERM, old_term)
+    if report.ok:
+        # archives are written only when every image in them is complete
+        ctx.commit()
+    return report
+
+
+def copy(args: argparse.Namespace) -> int:
+    src = ImageName.parse(args.source)
+    dest = ImageName.parse(args.destination)
+    options = copy_options(args)
+    queue = args.queue or os.environ.get("FERRY_QUEUE")
+    ctx = engine_context(args)
+    try:
+        plan, _ = build_plan(ctx, [CopyJob(src, dest)], options)
+        if queue:
+            raise InvalidInput("--queue: the distributed executor is not available in this build")
+        report = run_embedded(args, ctx, plan, args.quiet)
+    finally:
+        ctx.close()
+    write_outputs(args, report, plan)
+    if not args.quiet:
+        print(summary_line(report), file=sys.stderr)
+    if report.cancelled:
+        print("Error: interrupted; no tag was written for incomplete images", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if not report.ok:
+        for img in report.failed:
+            print(f"Error: copying {img.source} to {img.destination}: {img.error}", file=sys.stderr)
+        return 1
+    return 0

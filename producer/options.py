@@ -8,7 +8,7 @@ import re
 from collections.abc import Sequence
 
 from worker.engine.transports import SideConfig
-from worker.registry import InvalidInput, RetryPolicy, parse_creds
+from worker.registry import Credentials, InvalidInput, RetryPolicy, parse_creds
 
 #: Boolean flags that skopeo accepts as ``--flag``, ``--flag=true`` and ``--flag=false``.
 BOOL_FLAGS: set[str] = set()
@@ -121,7 +121,7 @@ def side_config(args: argparse.Namespace, prefix: str = "") -> SideConfig:
     elif username or password:
         if not (username and password):
             raise InvalidInput(f"--{prefix}username and --{prefix}password must be given together")
-        credentials = parse_creds(f"{username}:{password}")
+        credentials = Credentials(username=str(username), password=str(password))
     retry_times = getattr(args, "retry_times", 3)
     if retry_times is not None and retry_times < 0:
         raise InvalidInput("--retry-times must be 0 or more")

@@ -85,11 +85,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: no dlopen between fork and exec
+
+
 def _child_preexec() -> None:  # pragma: no cover - runs in the child
-    # Die with the parent (PR_SET_PDEATHSIG=1). Only set when spawned from the main thread: the signal fires when
-    # the *thread* that forked exits, which would kill a server spawned from a short-lived worker thread.
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+    # Die with the parent (SIGKILL on parent death). Only used when spawning from the main thread: the signal fires
+    # when the *thread* that forked exits, which would kill a server spawned from a short-lived worker thread.
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _spawn(argv: Sequence[str], log_path: Path, cwd: Path) -> subprocess.Popen[bytes]:

@@ -612,9 +612,9 @@ def store_login(
 
     ``registry`` is a host or a namespace (``quay.io/ns``); a URL is reduced to its host. The entry is
     ``{"auth": base64("user:password")}`` (plus ``identitytoken`` if ``creds`` has one). If the file has
-    a ``credHelpers`` entry for exactly this key, the helper stores the credentials instead (helpers take
-    no namespaces). Other registries and other top-level keys are kept; directories are created 0700,
-    the file is written 0600 via a temporary file and a rename.
+    a ``credHelpers`` entry for the registry, the helper stores the credentials instead (a namespaced key
+    is then refused: helpers take no namespaces). Other registries and other top-level keys are kept;
+    directories are created 0700, the file is written 0600 via a temporary file and a rename.
     """
     env = _environ(env)
     key = _login_key(registry)
@@ -624,8 +624,10 @@ def store_login(
         raise InvalidInput("the username must not contain ':'")
     path = _writable_auth_file(authfile, env)
     data = _read_for_edit(path) or {}
-    helper = _str_map(data, "credHelpers", path).get(key)
+    helper = _helper_for(_str_map(data, "credHelpers", path), _canonical_host(key.partition("/")[0]))
     if helper is not None:
+        # containers/image reads a registry with a credHelpers entry from the helper only, so a namespaced
+        # auths entry would never be used: refuse it like containers/image refuses namespaced helper keys.
         if "/" in key:
             raise InvalidInput(f"namespaced key is not supported for credential helper {helper}")
         _helper_store(helper, key, creds, env)
@@ -670,7 +672,7 @@ def remove_login(
     if data is None:
         return False
     removed = False
-    helper = _str_map(data, "credHelpers", path).get(key)
+    helper = _helper_for(_str_map(data, "credHelpers", path), _canonical_host(key))
     if helper is not None and "/" not in key:
         removed = _helper_erase(helper, key, env)
     auths = _auths_of(data, path, legacy=False)

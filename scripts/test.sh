@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The test command: set up, then lint (ruff), types (mypy --strict) and the test suite (pytest).
+# The tests start their own registries, token server and redis-server on free loopback ports.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+echo "== ruff" && .venv/bin/ruff check . && .venv/bin/ruff format --check .
+echo "== mypy" && .venv/bin/mypy
+echo "== pytest"
+exec .venv/bin/pytest -n "${FERRY_TEST_WORKERS:-2}" -q -p no:cacheprovider "$@"

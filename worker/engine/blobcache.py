@@ -1,0 +1,83 @@
+"""A persistent record of where blobs live, so a later copy mounts instead of uploading again.
+
+Like containers/image's blob info cache: every blob Ferry reads from or
+writes to a registry repository is recorded; a copy into the same registry
+later tries a cross-repository mount from those repositories first. A stale
+entry costs one refused mount (the registry checks), never a wrong result.
+The Celery workers use a Redis-backed map instead (shared across machines).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+#: repositories remembered per (registry, digest); the newest win
+MAX_PER_DIGEST = 8
+
+
+def default_cache_path() -> Path:
+    base = os.environ.get("FERRY_CACHE_DIR")
+    if base:
+        return Path(base) / "blob-locations.sqlite"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "ferry" / "blob-locations.sqlite"
+
+
+class SqliteBlobLocations:
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or default_cache_path()
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+
+    def _conn(self) -> sqlite3.Connection | None:
+        if self._db is None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                db = sqlite3.connect(str(self.path), timeout=5.0, check_same_thread=False, isolation_level=None)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS locations (store TEXT, digest TEXT, repository TEXT, seen REAL,"
+                    " PRIMARY KEY (store, digest, repository))"
+                )
+                self._db = db
+            except (OSError, sqlite3.Error):
+                # a cache we cannot open only costs uploads a mount would have saved
+                return None
+        return self._db
+
+    def where(self, store: str, digest: str) -> list[str]:
+        with self._lock:
+            db = self._conn()
+            if db is None:
+                return []
+            try:
+                rows = db.execute(
+                    "SELECT repository FROM locations WHERE store=? AND digest=? ORDER BY seen DESC LIMIT ?",
+                    (store, digest, MAX_PER_DIGEST),
+                ).fetchall()
+            except sqlite3.Error:
+                return []
+            return [r[0] for r in rows]
+
+    def add(self, store: str, digest: str, repository: str) -> None:
+        with self._lock:
+            db = self._conn()
+            if db is None:
+                return
+            try:
+                db.execute(
+                    "INSERT OR REPLACE INTO locations (store, digest, repository, seen) VALUES (?, ?, ?, ?)",
+                    (store, digest, repository, time.time()),
+                )
+            except sqlite3.Error:
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None

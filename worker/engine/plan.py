@@ -1,0 +1,451 @@
+"""Copy plans: what to move, in which order, depending on what.
+
+Two halves:
+
+* ``resolve_image`` reads the source (and HEADs the destination) over the
+  network and returns a ``ResolvedImage``: the manifests involved, as bytes.
+* ``plan_copy`` is pure: resolved images and options in, a ``Plan`` out. A plan
+  is a graph of steps: ``BlobStep`` (transfer, or mount/skip once another step
+  put the blob in the same destination registry), ``ManifestStep`` (a child
+  manifest by digest, an index, or the tag) each with the ids it depends on.
+  Unit tests check plan shapes without a network.
+
+Executors (in-process threads, Celery workers) run the same plan.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from worker.registry import Descriptor, Digest, InvalidInput, MediaType, NotFound, Platform
+
+from .manifest import INDEX_TYPES, ParsedManifest, convert_manifest, parse_manifest, pick_platform
+from .transports import ImageDestination, ImageName, ImageSource
+
+MultiArch = Literal["system", "all", "index-only"]
+Format = Literal["oci", "v2s2"] | None
+
+OCI_TYPES = frozenset({MediaType.OCI_MANIFEST.value, MediaType.OCI_INDEX.value})
+V2S2_TYPES = frozenset({MediaType.DOCKER_MANIFEST.value, MediaType.DOCKER_MANIFEST_LIST.value})
+
+
+@dataclass(frozen=True)
+class CopyOptions:
+    multi_arch: MultiArch = "system"
+    platforms: tuple[Platform, ...] = ()
+    #: the platform ``system`` picks from an index
+    system_platform: Platform = field(default_factory=lambda: Platform("linux", "amd64"))
+    format: Format = None
+    preserve_digests: bool = False
+    remove_signatures: bool = False
+    additional_tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DestinationInfo:
+    """What the planner must know of a destination: which manifest types it takes."""
+
+    supported_types: frozenset[str] | None = None
+    supports_index: bool = True
+    #: registry host (docker://) or path: blobs are shared within one store
+    store: str = ""
+    #: repository inside the store (docker://); mounts go between repositories
+    repository: str = ""
+    is_registry: bool = False
+
+    @classmethod
+    def of(cls, name: ImageName, dest: ImageDestination) -> DestinationInfo:
+        if name.reference is not None:
+            return cls(
+                dest.supported_manifest_types,
+                dest.supports_index,
+                store=f"docker://{name.reference.registry}",
+                repository=name.reference.repository,
+                is_registry=True,
+            )
+        path = name.details.split(":", 1)[0] if name.transport in ("oci", "oci-archive") else name.details
+        return cls(dest.supported_manifest_types, dest.supports_index, store=f"{name.transport}:{path}")
+
+
+@dataclass(frozen=True)
+class SourceManifest:
+    raw: bytes
+    media_type: str
+
+    @property
+    def digest(self) -> Digest:
+        return Digest.of(self.raw)
+
+    def parsed(self) -> ParsedManifest:
+        return parse_manifest(self.raw, self.media_type)
+
+
+@dataclass
+class ResolvedImage:
+    """One source image (or index) read from the source, ready for planning."""
+
+    source: str
+    destination: str
+    top: SourceManifest
+    children: dict[Digest, SourceManifest] = field(default_factory=dict)
+    dest_info: DestinationInfo = field(default_factory=DestinationInfo)
+    #: digest the destination holds at the tag now (HEAD), if any
+    dest_digest: Digest | None = None
+    #: extra manifests to copy after the image (signatures, referrers): (manifest, tag or None)
+    extras: list[tuple[SourceManifest, str | None]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BlobStep:
+    id: str
+    source: str
+    destination: str
+    digest: str
+    size: int
+    media_type: str
+    #: a repository in the same registry to mount from once ``deps`` are done
+    mount_from: str | None = None
+    deps: tuple[str, ...] = ()
+    kind: str = "blob"
+
+    @property
+    def descriptor(self) -> Descriptor:
+        return Descriptor(self.media_type, Digest.parse(self.digest), self.size)
+
+
+@dataclass(frozen=True)
+class ManifestStep:
+    id: str
+    destination: str
+    raw: bytes
+    media_type: str
+    #: a tag, or ``None``: by digest, or for the top manifest the destination's own reference
+    tag: str | None
+    deps: tuple[str, ...] = ()
+    kind: str = "manifest"
+    #: the image's top manifest, written at the destination's reference
+    top: bool = False
+
+    @property
+    def digest(self) -> Digest:
+        return Digest.of(self.raw)
+
+
+Step = BlobStep | ManifestStep
+
+
+@dataclass
+class ImagePlan:
+    id: str
+    source: str
+    destination: str
+    source_digest: str
+    #: digest of the top manifest written at the destination
+    dest_digest: str
+    steps: list[str] = field(default_factory=list)
+    up_to_date: bool = False
+    size: int = 0
+
+
+@dataclass
+class Plan:
+    images: list[ImagePlan] = field(default_factory=list)
+    steps: dict[str, Step] = field(default_factory=dict)
+
+    def step_images(self) -> dict[str, list[str]]:
+        """Which images each step belongs to (a shared blob belongs to several)."""
+        out: dict[str, list[str]] = {}
+        for img in self.images:
+            for sid in img.steps:
+                out.setdefault(sid, []).append(img.id)
+        return out
+
+    @property
+    def blob_steps(self) -> list[BlobStep]:
+        return [s for s in self.steps.values() if isinstance(s, BlobStep)]
+
+    def to_json(self) -> dict[str, Any]:
+        steps = []
+        for s in self.steps.values():
+            d = asdict(s)
+            if isinstance(s, ManifestStep):
+                d["raw"] = s.raw.decode()
+            steps.append(d)
+        return {"images": [asdict(i) for i in self.images], "steps": steps}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Plan:
+        plan = cls(images=[ImagePlan(**i) for i in obj["images"]])
+        for d in obj["steps"]:
+            d = dict(d)
+            d["deps"] = tuple(d.get("deps") or ())
+            if d["kind"] == "manifest":
+                d["raw"] = d["raw"].encode()
+                plan.steps[d["id"]] = ManifestStep(**d)
+            else:
+                plan.steps[d["id"]] = BlobStep(**d)
+        return plan
+
+
+# -- resolving (network) -----------------------------------------------------------------------------------------
+
+
+def _fetch(src: ImageSource, ref: str | Digest | None) -> SourceManifest:
+    raw, media_type = src.get_manifest(ref)
+    return SourceManifest(raw, media_type)
+
+
+def resolve_image(
+    source_name: ImageName,
+    src: ImageSource,
+    destination_name: ImageName,
+    dest: ImageDestination,
+    options: CopyOptions,
+    *,
+    head_destination: bool = True,
+) -> ResolvedImage:
+    """Read what ``plan_copy`` needs: the source manifest(s) and the destination's current digest."""
+    top = _fetch(src, None)
+    resolved = ResolvedImage(
+        str(source_name), str(destination_name), top, dest_info=DestinationInfo.of(destination_name, dest)
+    )
+    if top.media_type in INDEX_TYPES:
+        index = top.parsed()
+        if options.multi_arch == "system" and not options.platforms:
+            child = pick_platform(index.manifests, options.system_platform)
+            resolved.top = _fetch(src, child.digest)
+        elif options.multi_arch != "index-only":
+            for d in _selected(index.manifests, options.platforms):
+                resolved.children[d.digest] = _fetch(src, d.digest)
+    if head_destination:
+        try:
+            head = dest.head_manifest(None)
+        except NotFound:
+            head = None
+        resolved.dest_digest = head.digest if head is not None else None
+    return resolved
+
+
+def _selected(manifests: Sequence[Descriptor], platforms: Sequence[Platform]) -> list[Descriptor]:
+    if not platforms:
+        return list(manifests)
+    out: list[Descriptor] = []
+    for want in platforms:
+        found = [d for d in manifests if d.platform is not None and d.platform.matches(want)]
+        if not found:
+            available = ", ".join(str(d.platform) for d in manifests if d.platform) or "none"
+            raise InvalidInput(f"no image for platform {want} in the index (available: {available})")
+        out.extend(d for d in found if d not in out)
+    return out
+
+
+# -- planning (pure) -----------------------------------------------------------------------------------------------
+
+
+def _target_format(media_type: str, options: CopyOptions, info: DestinationInfo) -> str | None:
+    """``"oci"``/``"v2s2"`` when the manifest must be converted, else ``None``."""
+    want = options.format
+    if want is None and info.supported_types is not None and media_type not in info.supported_types:
+        want = "oci" if media_type in V2S2_TYPES else "v2s2"
+    if want == "oci" and media_type in V2S2_TYPES:
+        return "oci"
+    if want == "v2s2" and media_type in OCI_TYPES:
+        return "v2s2"
+    return None
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.plan = Plan()
+        #: (store, digest) -> id of the step that first puts it there
+        self.first: dict[tuple[str, str], BlobStep] = {}
+        #: (destination, digest) -> step id, for a blob already planned for that exact destination
+        self.per_dest: dict[tuple[str, str], str] = {}
+        self.manifests: dict[tuple[str, str, str | None], str] = {}
+        self.counter = 0
+
+    def _id(self, prefix: str) -> str:
+        self.counter += 1
+        return f"{prefix}{self.counter}"
+
+    def blob(self, r: ResolvedImage, desc: Descriptor) -> str:
+        key_dest = (r.destination, str(desc.digest))
+        if key_dest in self.per_dest:
+            return self.per_dest[key_dest]
+        store_key = (r.dest_info.store, str(desc.digest))
+        first = self.first.get(store_key)
+        if first is None:
+            step = BlobStep(self._id("b"), r.source, r.destination, str(desc.digest), desc.size, desc.media_type)
+            self.first[store_key] = step
+        else:
+            mount_from = None
+            if r.dest_info.is_registry:
+                first_repo = ImageName.parse(first.destination).reference
+                if first_repo is not None and first_repo.repository != r.dest_info.repository:
+                    mount_from = first_repo.repository
+            step = BlobStep(
+                self._id("b"),
+                r.source,
+                r.destination,
+                str(desc.digest),
+                desc.size,
+                desc.media_type,
+                mount_from=mount_from,
+                deps=(first.id,),
+            )
+        self.plan.steps[step.id] = step
+        self.per_dest[key_dest] = step.id
+        return step.id
+
+    def manifest(
+        self, r: ResolvedImage, raw: bytes, media_type: str, tag: str | None, deps: Iterable[str], *, top: bool = False
+    ) -> str:
+        key = (r.destination, str(Digest.of(raw)), tag if not top else f"top:{tag}")
+        if key in self.manifests:
+            return self.manifests[key]
+        step = ManifestStep(self._id("m"), r.destination, raw, media_type, tag, tuple(dict.fromkeys(deps)), top=top)
+        self.plan.steps[step.id] = step
+        self.manifests[key] = step.id
+        return step.id
+
+
+def _dest_tag(destination: str) -> str | None:
+    """The tag a destination name writes (``None``: the transport's own default or a digest reference)."""
+    name = ImageName.parse(destination)
+    if name.reference is not None:
+        return name.reference.tag if name.reference.digest is None else None
+    return None
+
+
+def plan_copy(images: Sequence[ResolvedImage], options: CopyOptions) -> Plan:
+    """Turn resolved images into one plan; each (destination store, digest) is transferred once."""
+    b = _Builder()
+    for n, r in enumerate(images):
+        _plan_one(b, r, options, f"i{n + 1}")
+    return b.plan
+
+
+def _plan_one(b: _Builder, r: ResolvedImage, options: CopyOptions, image_id: str) -> None:
+    top = r.top
+    top_type = top.media_type
+    info = r.dest_info
+    img = ImagePlan(image_id, r.source, r.destination, str(top.digest), str(top.digest))
+    b.plan.images.append(img)
+    steps: list[str] = []
+
+    def add(sid: str) -> str:
+        if sid not in steps:
+            steps.append(sid)
+        return sid
+
+    if top_type in INDEX_TYPES and options.multi_arch != "index-only":
+        if not info.supports_index:
+            raise InvalidInput(
+                f"{r.destination} holds a single image: copy one platform (without --all) or use another destination"
+            )
+        index = top.parsed()
+        target = _target_format(top_type, options, info)
+        child_ids: list[str] = []
+        converted: dict[str, Descriptor] = {}
+        for d in index.manifests:
+            child = r.children.get(d.digest)
+            if child is None:
+                continue
+            raw, mt = child.raw, child.media_type
+            ctarget = _target_format(mt, options, info) or (target if mt not in INDEX_TYPES else None)
+            if ctarget is not None:
+                _refuse_conversion(options, r)
+                raw = convert_manifest(raw, mt, ctarget)
+                mt = MediaType.OCI_MANIFEST.value if ctarget == "oci" else MediaType.DOCKER_MANIFEST.value
+                converted[str(d.digest)] = Descriptor(mt, Digest.of(raw), len(raw))
+            blob_ids = [add(b.blob(r, blob)) for blob in parse_manifest(raw, mt).blobs]
+            img.size += sum(x.size for x in parse_manifest(raw, mt).blobs)
+            child_ids.append(add(b.manifest(r, raw, mt, None, blob_ids)))
+        raw, mt = top.raw, top_type
+        selected_all = len(r.children) == len(index.manifests)
+        if not selected_all:
+            _refuse_rewrite(options, r, "a platform subset")
+            raw = _subset_index(raw, set(r.children))
+        if target is not None or converted:
+            _refuse_conversion(options, r)
+            fmt = target or _format_of(mt)
+            raw = convert_manifest(raw, mt, fmt, converted)
+            mt = _convert_type(mt, fmt)
+        img.dest_digest = str(Digest.of(raw))
+        top_step = b.manifest(r, raw, mt, _dest_tag(r.destination), child_ids, top=True)
+    else:
+        raw, mt = top.raw, top_type
+        target = _target_format(mt, options, info)
+        if target is not None:
+            _refuse_conversion(options, r)
+            raw = convert_manifest(raw, mt, target)
+            mt = _convert_type(mt, target)
+        parsed = parse_manifest(raw, mt)
+        blob_ids = [add(b.blob(r, blob)) for blob in parsed.blobs] if options.multi_arch != "index-only" else []
+        img.size = sum(x.size for x in parsed.blobs)
+        img.dest_digest = str(Digest.of(raw))
+        top_step = b.manifest(r, raw, mt, _dest_tag(r.destination), blob_ids, top=True)
+    if r.dest_digest is not None and str(r.dest_digest) == img.dest_digest and not r.extras:
+        # The destination already has exactly this image: nothing to do.
+        img.up_to_date = True
+        img.steps = []
+        _drop_unshared(b, [*steps, top_step], img)
+        return
+    add(top_step)
+    for extra_tag in options.additional_tags:
+        add(b.manifest(r, raw, mt, extra_tag, [top_step]))
+    for extra, extra_ref in r.extras:
+        e_parsed = extra.parsed()
+        deps = [add(b.blob(r, blob)) for blob in e_parsed.blobs]
+        add(b.manifest(r, extra.raw, extra.media_type, extra_ref, [*deps, top_step]))
+    img.steps = steps
+
+
+def _shared(b: _Builder, sid: str, img: ImagePlan) -> bool:
+    return any(sid in other.steps for other in b.plan.images if other is not img)
+
+
+def _drop_unshared(b: _Builder, sids: list[str], img: ImagePlan) -> None:
+    """Remove steps planned for an up-to-date image unless another image needs them."""
+    for sid in sids:
+        if sid in b.plan.steps and not _shared(b, sid, img):
+            step = b.plan.steps.pop(sid)
+            if isinstance(step, BlobStep):
+                for key, first in list(b.first.items()):
+                    if first.id == sid:
+                        del b.first[key]
+                for key, val in list(b.per_dest.items()):
+                    if val == sid:
+                        del b.per_dest[key]
+            else:
+                for mkey, mval in list(b.manifests.items()):
+                    if mval == sid:
+                        del b.manifests[mkey]
+
+
+def _format_of(media_type: str) -> str:
+    return "oci" if media_type in OCI_TYPES else "v2s2"
+
+
+def _convert_type(media_type: str, target: str) -> str:
+    if media_type in INDEX_TYPES:
+        return MediaType.OCI_INDEX.value if target == "oci" else MediaType.DOCKER_MANIFEST_LIST.value
+    return MediaType.OCI_MANIFEST.value if target == "oci" else MediaType.DOCKER_MANIFEST.value
+
+
+def _refuse_conversion(options: CopyOptions, r: ResolvedImage) -> None:
+    _refuse_rewrite(options, r, "a manifest format conversion")
+
+
+def _refuse_rewrite(options: CopyOptions, r: ResolvedImage, why: str) -> None:
+    if options.preserve_digests:
+        raise InvalidInput(f"copying {r.source} needs {why}, which changes digests, but --preserve-digests was given")
+
+
+def _subset_index(raw: bytes, keep: set[Digest]) -> bytes:
+    obj = json.loads(raw)
+    obj["manifests"] = [m for m in obj.get("manifests") or [] if Digest.parse(m["digest"]) in keep]
+    return json.dumps(obj, separators=(",", ":")).encode()

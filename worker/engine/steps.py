@@ -1,0 +1,208 @@
+"""Running one plan step. Both executors (threads in-process, Celery tasks) call these functions.
+
+``EngineContext`` opens transports by name and keeps them for reuse. It also
+holds a ``BlobLocations`` (where each digest already lives in each registry,
+so a blob is mounted rather than uploaded again) which the Celery side backs
+with Redis; the engine itself knows nothing of Celery or Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from worker.registry import Cancelled, Digest, FerryError, RetryPolicy, is_temporary
+
+from .plan import BlobStep, ManifestStep
+from .transports import ClientPool, ImageDestination, ImageName, ImageSource, SideConfig, open_destination, open_source
+
+log = logging.getLogger("ferry.engine")
+
+
+class BlobLocations(Protocol):
+    """Which repositories of a registry are known to hold a digest."""
+
+    def where(self, store: str, digest: str) -> list[str]: ...
+
+    def add(self, store: str, digest: str, repository: str) -> None: ...
+
+
+class MemoryBlobLocations:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._map: dict[tuple[str, str], list[str]] = {}
+
+    def where(self, store: str, digest: str) -> list[str]:
+        with self._lock:
+            return list(self._map.get((store, digest), ()))
+
+    def add(self, store: str, digest: str, repository: str) -> None:
+        with self._lock:
+            repos = self._map.setdefault((store, digest), [])
+            if repository not in repos:
+                repos.append(repository)
+
+
+@dataclass
+class BlobResult:
+    #: "transferred", "mounted" or "skipped" (already there)
+    action: str
+    bytes: int = 0
+
+
+@dataclass
+class EngineContext:
+    """Opened transports and shared helpers for running steps."""
+
+    source_side: SideConfig = field(default_factory=SideConfig)
+    dest_side: SideConfig = field(default_factory=SideConfig)
+    locations: BlobLocations = field(default_factory=MemoryBlobLocations)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    #: called with the byte count of every chunk streamed
+    on_bytes: Callable[[str, int], None] | None = None
+    pool: ClientPool = field(default_factory=ClientPool)
+    _sources: dict[str, ImageSource] = field(default_factory=dict)
+    _dests: dict[str, ImageDestination] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _manifest_locks: dict[str, threading.Lock] = field(default_factory=dict)
+
+    def source(self, name: str) -> ImageSource:
+        with self._lock:
+            src = self._sources.get(name)
+            if src is None:
+                src = open_source(ImageName.parse(name), self.source_side, self.pool)
+                self._sources[name] = src
+            return src
+
+    def destination(self, name: str) -> ImageDestination:
+        with self._lock:
+            dest = self._dests.get(name)
+            if dest is None:
+                dest = open_destination(ImageName.parse(name), self.dest_side, self.pool)
+                self._dests[name] = dest
+            return dest
+
+    def manifest_lock(self, destination: str) -> threading.Lock:
+        """Local layouts rewrite one index file: serialise manifest writes per destination store."""
+        name = ImageName.parse(destination)
+        key = name.details.split(":", 1)[0] if name.reference is None else destination
+        with self._lock:
+            return self._manifest_locks.setdefault(key, threading.Lock())
+
+    def retry_policy(self) -> RetryPolicy:
+        return self.dest_side.retry
+
+    def commit(self, names: list[str] | None = None) -> None:
+        """Commit destinations (archives are written here)."""
+        with self._lock:
+            dests = [d for n, d in self._dests.items() if names is None or n in names]
+        for d in dests:
+            d.commit()
+
+    def close(self) -> None:
+        with self._lock:
+            items = list(self._sources.values()) + list(self._dests.values())
+            self._sources.clear()
+            self._dests.clear()
+        for t in items:
+            try:
+                t.close()
+            except Exception:  # closing must not hide the real outcome
+                log.debug("closing %s failed", t, exc_info=True)
+        self.pool.close()
+
+
+def _store_of(name: ImageName) -> tuple[str, str]:
+    if name.reference is not None:
+        return f"docker://{name.reference.registry}", name.reference.repository
+    return f"{name.transport}:{name.details}", ""
+
+
+def _stream(ctx: EngineContext, digest: str, chunks: Iterator[bytes]) -> Iterator[bytes]:
+    for chunk in chunks:
+        if ctx.cancel.is_set():
+            raise Cancelled("copy interrupted")
+        if ctx.on_bytes is not None:
+            ctx.on_bytes(digest, len(chunk))
+        yield chunk
+
+
+def run_blob_step(ctx: EngineContext, step: BlobStep) -> BlobResult:
+    """Make the blob exist at the destination: skip if there, else mount, else stream it across."""
+    desc = step.descriptor
+    dest_name = ImageName.parse(step.destination)
+    dest = ctx.destination(step.destination)
+    store, repo = _store_of(dest_name)
+    retry = ctx.retry_policy()
+
+    def exists() -> bool:
+        return retry.run(lambda: dest.blob_exists(desc))
+
+    if exists():
+        if repo:
+            ctx.locations.add(store, step.digest, repo)
+        return BlobResult("skipped")
+    if repo:
+        candidates = [step.mount_from] if step.mount_from else []
+        src_name = ImageName.parse(step.source)
+        if src_name.reference is not None and _store_of(src_name)[0] == store:
+            # same registry on both sides: mount straight from the source repository
+            candidates.append(src_name.reference.repository)
+        candidates += [r for r in ctx.locations.where(store, step.digest) if r not in candidates and r != repo]
+        for other in candidates:
+            try:
+                if retry.run(lambda other=other: dest.mount_blob(desc, other)):  # type: ignore[misc]
+                    ctx.locations.add(store, step.digest, repo)
+                    return BlobResult("mounted")
+            except FerryError as exc:
+                log.info("mount of %s from %s refused (%s); uploading", step.digest, other, exc)
+    src = ctx.source(step.source)
+
+    def transfer() -> BlobResult:
+        if ctx.cancel.is_set():
+            raise Cancelled("copy interrupted")
+        # A failed attempt restarts the whole upload session: a streamed body cannot be replayed.
+        with src.open_blob(desc) as chunks:
+            dest.put_blob(desc, _stream(ctx, step.digest, chunks))
+        return BlobResult("transferred", desc.size)
+
+    result = retry.run(transfer)
+    if repo:
+        ctx.locations.add(store, step.digest, repo)
+    src_name = ImageName.parse(step.source)
+    if src_name.reference is not None:
+        src_store, src_repo = _store_of(src_name)
+        ctx.locations.add(src_store, step.digest, src_repo)
+    return result
+
+
+def run_manifest_step(ctx: EngineContext, step: ManifestStep) -> Digest:
+    """Push a manifest by digest (``tag is None``) or under the destination's tag."""
+    dest = ctx.destination(step.destination)
+    retry = ctx.retry_policy()
+    digest = step.digest
+    ref: str | Digest | None
+    if step.top:
+        # the destination's own reference: its tag, its digest, or a layout's ref name
+        ref = None
+    elif step.tag is None:
+        ref = digest
+    else:
+        ref = step.tag
+    with ctx.manifest_lock(step.destination):
+        retry.run(lambda: dest.put_manifest(step.raw, step.media_type, ref))
+    return digest
+
+
+__all__ = [
+    "BlobLocations",
+    "BlobResult",
+    "EngineContext",
+    "MemoryBlobLocations",
+    "is_temporary",
+    "run_blob_step",
+    "run_manifest_step",
+]
