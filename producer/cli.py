@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import copy_cmd
 
     copy_cmd.add_parsers(sub, verb)
+    from . import distributed
+
+    distributed.add_parsers(sub, verb)
     return parser
 
 

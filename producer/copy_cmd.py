@@ -153,7 +153,9 @@ def copy(args: argparse.Namespace) -> int:
     try:
         plan, _ = build_plan(ctx, [CopyJob(src, dest)], options)
         if queue:
-            raise InvalidInput("--queue: the distributed executor is not available in this build")
+            from .distributed import submit_plan
+
+            return submit_plan(args, plan, queue, kind="copy")
         report = run_embedded(args, ctx, plan, args.quiet)
     finally:
         ctx.close()

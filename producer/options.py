@@ -26,9 +26,17 @@ def parse_bool(text: str) -> bool:
 def add_bool(
     parser: argparse.ArgumentParser | argparse._ArgumentGroup, *names: str, help: str, default: bool = False
 ) -> None:
-    """A Go-style boolean flag: ``--x`` means true, ``--x=false`` false."""
-    BOOL_FLAGS.update(n for n in names if n.startswith("--"))
-    parser.add_argument(*names, type=parse_bool, default=default, metavar="BOOL", help=help)
+    """A Go-style boolean flag: ``--x`` means true, ``--x=false`` false; a short ``-x`` means true."""
+    longs = [n for n in names if n.startswith("--")]
+    shorts = [n for n in names if not n.startswith("--")]
+    BOOL_FLAGS.update(longs)
+    action = parser.add_argument(*longs, type=parse_bool, default=default, metavar="BOOL", help=help)
+    if shorts:
+        # A short flag never takes the next word as its value (``-q SOURCE``); per parser, since the same
+        # letter is a boolean in one verb and takes a value in another (``-n``).
+        parser.add_argument(
+            *shorts, dest=action.dest, action="store_const", const=True, default=default, help=f"same as {longs[0]}"
+        )
 
 
 def normalize_argv(argv: Sequence[str]) -> list[str]:

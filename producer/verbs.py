@@ -7,7 +7,7 @@ import getpass
 import json
 import sys
 
-from worker.engine.inspect import go_json, host_platform, image_config, inspect_image
+from worker.engine.inspect import go_json, host_platform, image_config, inspect_image, oci_config_view
 from worker.engine.manifest import parse_manifest
 from worker.engine.transports import ClientPool, ImageName, SideConfig, open_source
 from worker.registry import (
@@ -50,7 +50,7 @@ def inspect(args: argparse.Namespace) -> int:
                     sys.stdout.buffer.write(raw_config)
                     sys.stdout.flush()
                 else:
-                    _write(go_json(json.loads(raw_config)) + "\n")
+                    _write(go_json(oci_config_view(json.loads(raw_config))) + "\n")
                 return 0
             if args.raw:
                 raw, _mt = src.get_manifest(None)

@@ -213,6 +213,7 @@ def images() -> dict[str, Bundle]:
         "oci": bundle(
             build_image("dir-archive-oci", layers=[2000, 500, 100], fmt="oci", labels={"html": "<a&b>", "u": "é"})
         ),
+        "empty": bundle(build_image("dir-archive-empty", layers=[], fmt="v2s2")),
         "multi": bundle(build_multiarch("dir-archive-multi", platforms=["linux/amd64", "linux/arm64"], layers=[800])),
         "weird": custom_image(
             {
@@ -266,7 +267,8 @@ def test_dir_destination_writes_what_skopeo_writes(
     tmp_path: Path, peer_src: dict[str, str], images: dict[str, Bundle], name: str
 ) -> None:
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
-    with DirDestination(str(ours)) as dst:
+    dst = DirDestination(str(ours))
+    with dst:
         copy(MemorySource(images[name]), dst)
     skopeo("copy", peer_src[name], f"dir:{theirs}")
 
@@ -285,7 +287,8 @@ def test_dir_destination_writes_what_skopeo_writes(
 def test_dir_destination_multiarch_all(tmp_path: Path, peer_src: dict[str, str], images: dict[str, Bundle]) -> None:
     multi = images["multi"]
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
-    with DirDestination(str(ours)) as dst:
+    dst = DirDestination(str(ours))
+    with dst:
         copy(MemorySource(multi), dst, all_images=True)
     skopeo("copy", "--all", peer_src["multi"], f"dir:{theirs}")
 
@@ -302,7 +305,8 @@ def test_dir_destination_multiarch_all(tmp_path: Path, peer_src: dict[str, str],
 def test_dir_source_reads_skopeo_output(tmp_path: Path, peer_src: dict[str, str], images: dict[str, Bundle]) -> None:
     d = tmp_path / "d"
     skopeo("copy", "--all", peer_src["multi"], f"dir:{d}")
-    with DirSource(str(d)) as src:
+    src = DirSource(str(d))
+    with src:
         raw, mt = src.get_manifest()
         assert raw == inspect_raw(f"dir:{d}")
         assert mt == MediaType.OCI_INDEX
@@ -325,8 +329,8 @@ def test_dir_source_reads_skopeo_output(tmp_path: Path, peer_src: dict[str, str]
             src.open_blob(Descriptor("x", Digest.of(b"missing"), 7))
 
     # and a full round trip: skopeo's dir -> Ferry's dir -> skopeo
-    with DirSource(str(d)) as src, DirDestination(str(tmp_path / "again")) as dst:
-        copy(src, dst, all_images=True)
+    with DirSource(str(d)) as rsrc, DirDestination(str(tmp_path / "again")) as rdst:
+        copy(rsrc, rdst, all_images=True)
     assert tree(tmp_path / "again") == tree(d)
 
 
@@ -360,12 +364,14 @@ def test_dir_destination_replaces_previous_image(
     skopeo("copy", peer_src["oci"], f"dir:{d}")
     old = tree(d)
     (d / "signature-1").write_bytes(b"old signature")
-    with DirDestination(str(d)) as dst:
+    dst = DirDestination(str(d))
+    with dst:
         copy(MemorySource(images["v2s2"]), dst)
     new = tree(d)
     expected = {"version", "manifest.json", *(dg.hex for dg in images["v2s2"].blobs)}
     assert set(new) == expected
-    assert not set(old) - {"version", "manifest.json"} & set(new)
+    old_blobs = set(old) - {"version", "manifest.json"}
+    assert old_blobs and not old_blobs & set(new)  # every blob of the previous image is gone
     assert inspect_raw(f"dir:{d}") == images["v2s2"].manifest
 
 
@@ -377,7 +383,8 @@ def test_dir_close_without_commit_leaves_previous_image(
     before = tree(d)
     b = images["v2s2"]
     man = json.loads(b.manifest)
-    with DirDestination(str(d)) as dst:
+    dst = DirDestination(str(d))
+    with dst:
         desc = Descriptor.from_json(man["layers"][0])
         dst.put_blob(desc, [b.blobs[desc.digest]])
         assert dst.blob_exists(desc)
@@ -387,7 +394,8 @@ def test_dir_close_without_commit_leaves_previous_image(
     assert sorted(os.listdir(d)) == sorted(before)  # staging directory removed too
 
     fresh = tmp_path / "new" / "deeper"
-    with DirDestination(str(fresh)) as dst:
+    dst = DirDestination(str(fresh))
+    with dst:
         desc = Descriptor.from_json(man["config"])
         dst.put_blob(desc, [b.blobs[desc.digest]])
     assert not (tmp_path / "new").exists()
@@ -404,7 +412,8 @@ def test_dir_put_blob_verifies(tmp_path: Path) -> None:
     good = Descriptor(MediaType.OCI_LAYER, Digest.of(data), len(data))
     bad_digest = Descriptor(MediaType.OCI_LAYER, Digest.of(b"other"), len(data))
     bad_size = Descriptor(MediaType.OCI_LAYER, Digest.of(data), len(data) - 1)
-    with DirDestination(str(tmp_path / "d")) as dst:
+    dst = DirDestination(str(tmp_path / "d"))
+    with dst:
         with pytest.raises(DigestMismatch):
             dst.put_blob(bad_digest, [data[:5000], data[5000:]])
         with pytest.raises(SizeMismatch):
@@ -455,13 +464,21 @@ def test_parse_docker_archive_spec() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "ref"), [("v2s2", "example.com/team/app:1.0"), ("oci", None), ("weird", "weird"), ("v2s2", "busybox:t")]
+    ("name", "ref"),
+    [
+        ("v2s2", "example.com/team/app:1.0"),
+        ("oci", None),
+        ("weird", "weird"),
+        ("v2s2", "busybox:t"),
+        ("empty", "empty:0"),
+    ],
 )
 def test_archive_destination_is_byte_identical_to_skopeo(
     tmp_path: Path, peer_src: dict[str, str], images: dict[str, Bundle], name: str, ref: str | None
 ) -> None:
     ours, theirs = tmp_path / "ours.tar", tmp_path / "theirs.tar"
-    with DockerArchiveDestination(str(ours), ref) as dst:
+    dst = DockerArchiveDestination(str(ours), ref)
+    with dst:
         copy(MemorySource(images[name]), dst)
     suffix = f":{ref}" if ref else ""
     skopeo("copy", peer_src[name], f"docker-archive:{theirs}{suffix}")
@@ -500,7 +517,8 @@ def test_archive_source_reads_skopeo_archive(
     a = tmp_path / "a.tar"
     skopeo("copy", peer_src[name], f"docker-archive:{a}" + (":app:1" if ref == "app:1" else ""))
     suffix = f":{ref}" if ref else ""
-    with DockerArchiveSource(str(a), ref) as src:
+    src = DockerArchiveSource(str(a), ref)
+    with src:
         raw, mt = src.get_manifest()
         assert raw == inspect_raw(f"docker-archive:{a}{suffix}")
         assert mt == MediaType.DOCKER_MANIFEST
@@ -518,8 +536,8 @@ def test_archive_source_reads_skopeo_archive(
             assert src.repo_tags == ["docker.io/library/app:1"]
 
     # round trip through Ferry's own archive writer gives skopeo's bytes back
-    with DockerArchiveSource(str(a), ref) as src, DockerArchiveDestination(str(tmp_path / "b.tar"), "app:1") as dst:
-        copy(src, dst)
+    with DockerArchiveSource(str(a), ref) as rsrc, DockerArchiveDestination(str(tmp_path / "b.tar"), "app:1") as rdst:
+        copy(rsrc, rdst)
     skopeo("copy", f"docker-archive:{a}{suffix}", f"docker-archive:{tmp_path / 'c.tar'}:app:1")
     assert (tmp_path / "b.tar").read_bytes() == (tmp_path / "c.tar").read_bytes()
 
@@ -571,7 +589,8 @@ def test_archive_source_docker_save_layout(tmp_path: Path, images: dict[str, Bun
         DockerArchiveSource(str(a), "@2")
 
     for ref in ["one:1", "@1", "two:2", "quay.io/x/two:b", "docker.io/library/one:1"]:
-        with DockerArchiveSource(str(a), ref) as src:
+        src = DockerArchiveSource(str(a), ref)
+        with src:
             raw, _ = src.get_manifest()
             assert raw == inspect_raw(f"docker-archive:{a}:{ref}"), ref
             man = json.loads(raw)
@@ -580,8 +599,8 @@ def test_archive_source_docker_save_layout(tmp_path: Path, images: dict[str, Bun
                 assert sha256(data) == layer["digest"] and len(data) == layer["size"]
 
     # Ferry reads it, writes dir:, skopeo verifies everything
-    with DockerArchiveSource(str(a), "two:2") as src, DirDestination(str(tmp_path / "d")) as dst:
-        copy(src, dst)
+    with DockerArchiveSource(str(a), "two:2") as rsrc, DirDestination(str(tmp_path / "d")) as rdst:
+        copy(rsrc, rdst)
     skopeo("copy", f"dir:{tmp_path / 'd'}", f"oci:{tmp_path / 'o'}:t")
     assert inspect_raw(f"dir:{tmp_path / 'd'}") == inspect_raw(f"docker-archive:{a}:two:2")
 
@@ -596,7 +615,8 @@ def test_archive_source_whole_file_gzipped(tmp_path: Path, peer_src: dict[str, s
     gz = tmp_path / "a.tar.gz"
     gz.write_bytes(gzip.compress(a.read_bytes()))
     for packed in (gz, bz):
-        with DockerArchiveSource(str(packed)) as src:
+        src = DockerArchiveSource(str(packed))
+        with src:
             raw, _ = src.get_manifest()
             assert raw == expected
             for layer in json.loads(raw)["layers"]:
@@ -637,7 +657,8 @@ def test_archive_destination_refuses_existing_archive(
 def test_archive_destination_close_without_commit(tmp_path: Path, images: dict[str, Bundle]) -> None:
     a = tmp_path / "a.tar"
     b = images["oci"]
-    with DockerArchiveDestination(str(a), "x:y") as dst:
+    dst = DockerArchiveDestination(str(a), "x:y")
+    with dst:
         man = json.loads(b.manifest)
         for d in [*man["layers"], man["config"]]:
             desc = Descriptor.from_json(d)
@@ -650,7 +671,8 @@ def test_archive_destination_close_without_commit(tmp_path: Path, images: dict[s
 def test_archive_put_blob_verifies_and_decompresses(tmp_path: Path) -> None:
     layer = make_layer("verify", 5000)
     a = tmp_path / "a.tar"
-    with DockerArchiveDestination(str(a)) as dst:
+    dst = DockerArchiveDestination(str(a))
+    with dst:
         bad = Descriptor(MediaType.OCI_LAYER_GZIP, Digest.of(b"x"), layer.size)
         with pytest.raises(DigestMismatch):
             dst.put_blob(bad, [layer.data[:100], layer.data[100:]])
@@ -695,7 +717,8 @@ def test_archive_multi_member_gzip_and_other_compressions(tmp_path: Path) -> Non
         "plain": raw,
     }
     for what, blob in variants.items():
-        with DockerArchiveDestination(str(tmp_path / "x.tar")) as dst:
+        dst = DockerArchiveDestination(str(tmp_path / "x.tar"))
+        with dst:
             dst.put_blob(Descriptor(MediaType.OCI_LAYER_GZIP, Digest.of(blob), len(blob)), [blob])
             assert dst.diff_ids[Digest.of(blob)] == (layer.diff_id, len(raw)), what
 
@@ -708,7 +731,8 @@ def test_archive_multi_member_gzip_and_other_compressions(tmp_path: Path) -> Non
     }.items():
         pieces = [packed[i : i + 1000] for i in range(0, len(packed), 1000)]
         for chunking in ([packed], pieces):
-            with DockerArchiveDestination(str(tmp_path / "x.tar")) as dst:
+            dst = DockerArchiveDestination(str(tmp_path / "x.tar"))
+            with dst:
                 dst.put_blob(Descriptor(MediaType.OCI_LAYER_GZIP, Digest.of(packed), len(packed)), chunking)
                 assert dst.diff_ids[Digest.of(packed)] == (Digest.of(zeros), len(zeros)), name
 
@@ -716,7 +740,8 @@ def test_archive_multi_member_gzip_and_other_compressions(tmp_path: Path) -> Non
 def test_archive_put_manifest_checks(tmp_path: Path, images: dict[str, Bundle]) -> None:
     b = images["v2s2"]
     man = json.loads(b.manifest)
-    with DockerArchiveDestination(str(tmp_path / "a.tar")) as dst:
+    dst = DockerArchiveDestination(str(tmp_path / "a.tar"))
+    with dst:
         with pytest.raises(ManifestError, match="not put"):
             dst.put_manifest(b.manifest, b.media_type)
         for d in [*man["layers"], man["config"]]:
@@ -773,12 +798,14 @@ def test_archive_streams_large_layers(tmp_path: Path) -> None:
     a = tmp_path / "big.tar"
     tracemalloc.start()
     try:
-        with DockerArchiveDestination(str(a), "big:1") as dst:
+        dst = DockerArchiveDestination(str(a), "big:1")
+        with dst:
             dst.put_blob(gz_desc, gz_chunks())
             dst.put_blob(cdesc, [config])
             dst.put_manifest(manifest, MediaType.OCI_MANIFEST)
             dst.commit()
-        with DockerArchiveSource(str(a)) as src:
+        src = DockerArchiveSource(str(a))
+        with src:
             raw, _ = src.get_manifest()
             layer = Descriptor.from_json(json.loads(raw)["layers"][0])
             h2 = hashlib.sha256()
@@ -792,3 +819,29 @@ def test_archive_streams_large_layers(tmp_path: Path) -> None:
     assert "sha256:" + h2.hexdigest() == str(big.diff_id)
     assert peak < 16 << 20, f"peak traced memory {peak} bytes"
     assert inspect(f"docker-archive:{a}")["Layers"] == [str(big.diff_id)]
+
+
+def test_archive_destination_writes_into_a_fifo(tmp_path: Path, images: dict[str, Bundle]) -> None:
+    """A non-regular target (pipe, /dev/stdout) is written in place, not replaced by a rename."""
+    import threading
+
+    regular = tmp_path / "regular.tar"
+    with DockerArchiveDestination(str(regular), "app:1") as dst:
+        copy(MemorySource(images["v2s2"]), dst)
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    try:
+        with DockerArchiveDestination(str(fifo), "app:1") as dst:
+            assert sorted(os.listdir(tmp_path)) == ["pipe", "regular.tar"]  # staging lives elsewhere
+            copy(MemorySource(images["v2s2"]), dst)
+    finally:
+        if reader.is_alive():  # unblock the reader if the destination never opened the pipe
+            with open(fifo, "wb"):
+                pass
+        reader.join(10)
+    assert got == [regular.read_bytes()]
+    assert os.path.exists(fifo) and not os.path.isfile(fifo)

@@ -121,7 +121,8 @@ def inspect_image(
     cfg = config.get("config") or {}
     out["Created"] = go_time(config.get("created"))
     out["DockerVersion"] = config.get("docker_version", "")
-    out["Labels"] = cfg.get("Labels")
+    labels = cfg.get("Labels")
+    out["Labels"] = dict(sorted(labels.items())) if isinstance(labels, dict) else labels  # a Go map: sorted keys
     out["Architecture"] = config.get("architecture", "")
     if config.get("variant"):
         out["Variant"] = config["variant"]
@@ -137,6 +138,69 @@ def inspect_image(
         for d in m.layers
     ]
     out["Env"] = cfg.get("Env")
+    return out
+
+
+#: The OCI image-spec ``ImageConfig`` fields skopeo's ``inspect --config`` keeps, in Go struct order.
+_OCI_IMAGE_CONFIG_FIELDS = (
+    "User",
+    "ExposedPorts",
+    "Env",
+    "Entrypoint",
+    "Cmd",
+    "Volumes",
+    "WorkingDir",
+    "Labels",
+    "StopSignal",
+    "ArgsEscaped",
+)
+_GO_SETS = ("ExposedPorts", "Volumes")  # map[string]struct{}
+_OCI_HISTORY_FIELDS = ("created", "created_by", "author", "comment", "empty_layer")
+
+
+def oci_config_view(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as ``skopeo inspect --config`` prints it: decoded into the OCI ``Image`` struct and encoded
+    again, so fields come in Go struct order, empty ``omitempty`` fields and Docker-only fields are dropped,
+    and map keys are sorted."""
+    out: dict[str, Any] = {}
+    if config.get("created") is not None:
+        out["created"] = go_time(config.get("created"))
+    if config.get("author"):
+        out["author"] = config["author"]
+    out["architecture"] = config.get("architecture") or ""
+    if config.get("variant"):
+        out["variant"] = config["variant"]
+    out["os"] = config.get("os") or ""
+    if config.get("os.version"):
+        out["os.version"] = config["os.version"]
+    if config.get("os.features"):
+        out["os.features"] = config["os.features"]
+    inner = config.get("config") if isinstance(config.get("config"), dict) else {}
+    assert isinstance(inner, dict)
+    view: dict[str, Any] = {}
+    for key in _OCI_IMAGE_CONFIG_FIELDS:
+        value = inner.get(key)
+        if not value:
+            continue
+        if key in _GO_SETS and isinstance(value, dict):
+            value = {k: {} for k in sorted(value)}
+        elif isinstance(value, dict):
+            value = dict(sorted(value.items()))
+        view[key] = value
+    out["config"] = view
+    rootfs = config.get("rootfs") if isinstance(config.get("rootfs"), dict) else {}
+    assert isinstance(rootfs, dict)
+    out["rootfs"] = {"type": rootfs.get("type") or "", "diff_ids": rootfs.get("diff_ids")}
+    history = config.get("history")
+    if history:
+        entries = []
+        for item in history:
+            entry: dict[str, Any] = {}
+            for key in _OCI_HISTORY_FIELDS:
+                if isinstance(item, dict) and item.get(key):
+                    entry[key] = go_time(item[key]) if key == "created" else item[key]
+            entries.append(entry)
+        out["history"] = entries
     return out
 
 

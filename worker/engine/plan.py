@@ -209,6 +209,8 @@ def resolve_image(
 ) -> ResolvedImage:
     """Read what ``plan_copy`` needs: the source manifest(s) and the destination's current digest."""
     top = _fetch(src, None)
+    if source_name.transport == "docker-archive":
+        top = _label_uncompressed(top)
     resolved = ResolvedImage(
         str(source_name), str(destination_name), top, dest_info=DestinationInfo.of(destination_name, dest)
     )
@@ -227,6 +229,20 @@ def resolve_image(
             head = None
         resolved.dest_digest = head.digest if head is not None else None
     return resolved
+
+
+def _label_uncompressed(m: SourceManifest) -> SourceManifest:
+    """docker-archive layers are plain tars (their digest is the diff ID): say so in the manifest we copy."""
+    obj = json.loads(m.raw)
+    plain = {
+        MediaType.DOCKER_LAYER.value: "application/vnd.docker.image.rootfs.diff.tar",
+        MediaType.OCI_LAYER_GZIP.value: MediaType.OCI_LAYER.value,
+    }
+    obj["layers"] = [
+        {**layer, "mediaType": plain.get(layer.get("mediaType"), layer.get("mediaType"))}
+        for layer in obj.get("layers") or []
+    ]
+    return SourceManifest(json.dumps(obj, separators=(",", ":")).encode(), m.media_type)
 
 
 def _selected(manifests: Sequence[Descriptor], platforms: Sequence[Platform]) -> list[Descriptor]:
@@ -389,10 +405,13 @@ def _plan_one(b: _Builder, r: ResolvedImage, options: CopyOptions, image_id: str
         img.dest_digest = str(Digest.of(raw))
         top_step = b.manifest(r, raw, mt, _dest_tag(r.destination), blob_ids, top=True)
     if r.dest_digest is not None and str(r.dest_digest) == img.dest_digest and not r.extras:
-        # The destination already has exactly this image: nothing to do.
-        img.up_to_date = True
-        img.steps = []
+        # The destination already has exactly this image: nothing to do but the additional tags.
         _drop_unshared(b, [*steps, top_step], img)
+        steps.clear()
+        for extra_tag in options.additional_tags:
+            add(b.manifest(r, raw, mt, extra_tag, []))
+        img.up_to_date = not steps
+        img.steps = steps
         return
     add(top_step)
     for extra_tag in options.additional_tags:

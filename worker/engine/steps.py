@@ -102,6 +102,18 @@ class EngineContext:
         for d in dests:
             d.commit()
 
+    def close_transports(self) -> None:
+        """Close opened sources and destinations but keep the (shared) client pool."""
+        with self._lock:
+            items = list(self._sources.values()) + list(self._dests.values())
+            self._sources.clear()
+            self._dests.clear()
+        for t in items:
+            try:
+                t.close()
+            except Exception:
+                log.debug("closing %s failed", t, exc_info=True)
+
     def close(self) -> None:
         with self._lock:
             items = list(self._sources.values()) + list(self._dests.values())
@@ -132,6 +144,16 @@ def _stream(ctx: EngineContext, digest: str, chunks: Iterator[bytes]) -> Iterato
 
 def run_blob_step(ctx: EngineContext, step: BlobStep) -> BlobResult:
     """Make the blob exist at the destination: skip if there, else mount, else stream it across."""
+    return existing_blob(ctx, step) or transfer_blob(ctx, step)
+
+
+def blob_store(step: BlobStep) -> str:
+    """The store (``docker://registry`` or a local path) the blob goes to: in-flight locks are per store."""
+    return _store_of(ImageName.parse(step.destination))[0]
+
+
+def existing_blob(ctx: EngineContext, step: BlobStep) -> BlobResult | None:
+    """Skip the blob when the destination has it, or mount it from a repository known to hold it."""
     desc = step.descriptor
     dest_name = ImageName.parse(step.destination)
     dest = ctx.destination(step.destination)
@@ -159,6 +181,15 @@ def run_blob_step(ctx: EngineContext, step: BlobStep) -> BlobResult:
                     return BlobResult("mounted")
             except FerryError as exc:
                 log.info("mount of %s from %s refused (%s); uploading", step.digest, other, exc)
+    return None
+
+
+def transfer_blob(ctx: EngineContext, step: BlobStep) -> BlobResult:
+    """Stream the blob from the source to the destination, verified; retried as a whole."""
+    desc = step.descriptor
+    dest = ctx.destination(step.destination)
+    store, repo = _store_of(ImageName.parse(step.destination))
+    retry = ctx.retry_policy()
     src = ctx.source(step.source)
 
     def transfer() -> BlobResult:

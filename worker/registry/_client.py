@@ -167,6 +167,8 @@ def translate_transport_error(exc: httpx.HTTPError, host: str) -> FerryError:
             hint = ""
             if cause.reason == "WRONG_VERSION_NUMBER":
                 hint = " (the registry may speak plain HTTP: use --tls-verify=false)"
+            elif cause.reason in ("SSLV3_ALERT_BAD_CERTIFICATE", "TLSV13_ALERT_CERTIFICATE_REQUIRED"):
+                hint = " (the registry may require a client certificate: NAME.cert and NAME.key in --cert-dir)"
             return TLSError(f"TLS handshake with {host} failed: {cause.reason or cause}{hint}")
         cause = cause.__cause__ or cause.__context__
     if "Name or service not known" in text or "nodename nor servname" in text or "No address associated" in text:
@@ -288,15 +290,24 @@ class RegistryClient:
 
     def _probe_scheme(self) -> str:
         https = f"https://{self.host}"
+        if self.options.tls_verify:
+            # the first request to a host: a dropped connection here is as temporary as anywhere else
+            self.options.retry.run(lambda: self._send_raw("GET", https + "/v2/"))
+            return https
         try:
             self._send_raw("GET", https + "/v2/")
             return https
-        except (TLSError, ConnectionFailed):
-            if self.options.tls_verify:
-                raise
-        # --tls-verify=false: like containers/image, fall back to plain HTTP
+        except (TLSError, ConnectionFailed) as exc:
+            https_error = exc
+        # --tls-verify=false: like containers/image, fall back to plain HTTP -- if it answers like a registry;
+        # otherwise (e.g. an HTTPS-only server answering 400 to plain HTTP) the HTTPS failure is the real one.
         http = f"http://{self.host}"
-        self._send_raw("GET", http + "/v2/")
+        try:
+            resp = self.options.retry.run(lambda: self._send_raw("GET", http + "/v2/"))
+        except NetworkError:
+            raise https_error from None
+        if resp.status_code not in (200, 401):
+            raise https_error
         return http
 
     def _send_raw(
@@ -650,8 +661,8 @@ class RegistryClient:
     ) -> None:
         """Upload a blob from a stream of chunks, verifying size and digest on the way.
 
-        Small blobs go in one PUT; larger ones as PATCH requests of at most
-        ``chunk_size`` bytes each, streamed, then a closing PUT. On any failure
+        Small blobs (up to ``MONOLITHIC_LIMIT`` and ``chunk_size``) go in one PUT; larger ones as PATCH
+        requests of at most ``chunk_size`` bytes each, streamed, then a closing PUT. On any failure
         (including a digest mismatch) the upload session is cancelled: nothing is
         committed.
         """
@@ -659,7 +670,7 @@ class RegistryClient:
         location = self._start_upload(repo)
         what = f"uploading blob {desc.digest} to {self.registry}/{repo}"
         try:
-            if 0 <= desc.size <= MONOLITHIC_LIMIT:
+            if 0 <= desc.size <= min(MONOLITHIC_LIMIT, self.options.chunk_size):
                 body = bytearray()
                 for chunk in verified:
                     body.extend(chunk)

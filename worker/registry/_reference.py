@@ -17,7 +17,7 @@ _DOMAIN = re.compile(
     r"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
     r"(?::[0-9]+)?$|^\[[0-9a-fA-F:]+\](?::[0-9]+)?$"
 )
-_TAG = re.compile(r"^[\w][\w.-]{0,127}$")
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 MAX_NAME = 255
 
 
@@ -58,7 +58,7 @@ class Reference:
         colon = text.rfind(":")
         if colon > slash:
             text, tag = text[:colon], text[colon + 1 :]
-            if not _TAG.match(tag):
+            if not _TAG.fullmatch(tag):
                 raise InvalidReference(
                     f"invalid reference {original!r}: tag {tag!r} must match [A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}}"
                 )
@@ -67,7 +67,7 @@ class Reference:
         first, sep, rest = text.partition("/")
         if sep and _looks_like_domain(first):
             registry, path = first, rest
-            if not _DOMAIN.match(registry):
+            if not _DOMAIN.fullmatch(registry):
                 raise InvalidReference(f"invalid reference {original!r}: invalid registry host {registry!r}")
         else:
             registry, path = DOCKER_HUB, text
@@ -78,7 +78,7 @@ class Reference:
         if path.lower() != path:
             raise InvalidReference(f"invalid reference {original!r}: repository name must be lowercase")
         for comp in path.split("/"):
-            if not _COMPONENT.match(comp):
+            if not _COMPONENT.fullmatch(comp):
                 raise InvalidReference(f"invalid reference {original!r}: invalid repository path component {comp!r}")
         if len(registry) + 1 + len(path) > MAX_NAME:
             raise InvalidReference(f"invalid reference {original!r}: name longer than {MAX_NAME} characters")

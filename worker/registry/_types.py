@@ -86,7 +86,7 @@ class Digest:
 
     @classmethod
     def parse(cls, text: str) -> Digest:
-        m = _DIGEST_RE.match(text)
+        m = _DIGEST_RE.fullmatch(text)
         if not m:
             raise InvalidDigest(f"malformed digest {text!r}")
         return cls(m.group(1), m.group(2))

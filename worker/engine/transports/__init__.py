@@ -11,6 +11,7 @@ from worker.registry import (
     InvalidInput,
     Reference,
     RegistryClient,
+    RequestGate,
     RetryPolicy,
     resolve_credentials,
 )
@@ -63,12 +64,15 @@ class SideConfig:
     no_creds: bool = False
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     chunk_size: int | None = None
+    #: shared throttling across processes (the workers back it with Redis)
+    gate: RequestGate | None = None
 
     def client_options(self) -> ClientOptions:
         opts = ClientOptions(
             tls_verify=True if self.tls_verify is None else self.tls_verify,
             cert_dir=self.cert_dir,
             retry=self.retry,
+            gate=self.gate,
         )
         if self.chunk_size:
             opts.chunk_size = self.chunk_size

@@ -39,6 +39,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
+import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
@@ -445,6 +446,7 @@ class DockerArchiveSource(ImageSource):
         self._config = b""
         self._config_digest: Digest | None = None
         self._layers: dict[Digest, _Layer] = {}
+        self._load_lock = threading.Lock()
         try:
             self._tar_path = self._open_archive()
             self._index_members()
@@ -564,6 +566,13 @@ class DockerArchiveSource(ImageSource):
     def _ensure_loaded(self) -> bytes:
         if self._manifest is not None:
             return self._manifest
+        with self._load_lock:
+            if self._manifest is None:
+                self._load()
+            assert self._manifest is not None
+            return self._manifest
+
+    def _load(self) -> None:
         item = self._item
         config_name = item.get("Config")
         layer_names = item.get("Layers") or []
@@ -614,7 +623,6 @@ class DockerArchiveSource(ImageSource):
         self._config_digest = config_digest
         self._layers = layers
         self._manifest = _go_json(manifest)
-        return self._manifest
 
     # -- ImageSource
 
@@ -687,13 +695,13 @@ class DockerArchiveDestination(ImageDestination):
                 f"{self.description}: destination reference must not contain a manifest index @{parsed.index}"
             )
         self._reference = parsed.reference
-        self._check_target()
+        special = self._check_target()
         self._committed = False
         self._closed = False
         #: blob digest as put (compressed or not) -> (uncompressed sha256 digest, uncompressed size)
         self._blobs: dict[Digest, tuple[Digest, int]] = {}
         self._image: tuple[Digest, tuple[Digest, ...]] | None = None
-        parent = os.path.dirname(os.path.abspath(path))
+        parent = tempfile.gettempdir() if special else os.path.dirname(os.path.abspath(path))
         try:
             self._staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.ferry-", dir=parent)
         except FileNotFoundError:

@@ -1,0 +1,1 @@
+"""Benchmarks for Ferry (commands, not tests): ``make bench`` runs :mod:`bench.copy_bench`."""

@@ -1,0 +1,221 @@
+"""Thin Celery tasks over the copy engine.
+
+Arguments are identifiers only: a job id, a step id, image names, a digest and
+a size; never bytes, never credentials (workers find their own: auth files,
+environment, credential helpers). Each task is idempotent: a redelivered or
+retried task finds the blob already present and does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Retry
+
+from worker.celery_app import app
+from worker.engine.plan import BlobStep, ManifestStep
+from worker.engine.steps import EngineContext, blob_store, existing_blob, run_manifest_step, transfer_blob
+from worker.engine.transports import ClientPool, ImageName, SideConfig
+from worker.registry import FerryError, RetryPolicy, is_temporary
+from worker.state import RedisGate, SharedState, connect
+
+log = logging.getLogger("ferry.worker")
+
+#: in-flight lock lifetime; a live transfer renews it every third of this
+LOCK_TTL = float(os.environ.get("FERRY_LOCK_TTL", "30"))
+#: how many times a temporary failure of one blob is retried by re-queueing it
+DEFAULT_TASK_RETRIES = 5
+
+
+@lru_cache(maxsize=1)
+def _state() -> SharedState:
+    from worker.celery_app import queue_url
+
+    return SharedState(connect(queue_url()))
+
+
+@lru_cache(maxsize=1)
+def _pool() -> ClientPool:
+    return ClientPool()
+
+
+@lru_cache(maxsize=16)
+def _sides(options_json: str) -> tuple[SideConfig, SideConfig]:
+    opts = json.loads(options_json or "{}")
+    gate = RedisGate(_state())
+
+    def side(prefix: str) -> SideConfig:
+        retry = RetryPolicy(times=int(opts.get("retry_times", 3)), delay=opts.get("retry_delay"))
+        return SideConfig(
+            tls_verify=opts.get(f"{prefix}tls_verify"),
+            cert_dir=opts.get(f"{prefix}cert_dir"),
+            retry=retry,
+            gate=gate,
+        )
+
+    return side("src_"), side("dest_")
+
+
+def _context(job_id: str) -> EngineContext:
+    job = _state().job(job_id)
+    src, dest = _sides(job.get("options", "{}"))
+    return EngineContext(source_side=src, dest_side=dest, locations=_state(), pool=_pool())
+
+
+def _host(name: str) -> str:
+    ref = ImageName.parse(name).reference
+    return ref.api_host if ref is not None else ""
+
+
+def _images_of_step(job_id: str, step_id: str) -> list[str]:
+    rec = _state().blobs(job_id).get(step_id) or {}
+    return list(rec.get("images") or [])
+
+
+@contextmanager
+def _heartbeat(ctx: EngineContext, job_id: str, store: str, digest: str, token: str) -> Iterator[None]:
+    """Renew the in-flight lock and watch for cancellation while a transfer runs."""
+    stop = threading.Event()
+    state = _state()
+
+    def beat() -> None:
+        while not stop.wait(LOCK_TTL / 3):
+            try:
+                if not state.extend_lock(store, digest, token, LOCK_TTL):
+                    log.warning("lost the in-flight lock of %s", digest)
+                if state.cancelled(job_id):
+                    ctx.cancel.set()
+            except Exception:  # Redis hiccup: the lock may lapse, the upload is still correct
+                log.debug("heartbeat failed", exc_info=True)
+
+    t = threading.Thread(target=beat, name="ferry-heartbeat", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join(timeout=5)
+
+
+def _fail_images(job_id: str, step_id: str, image_ids: list[str], error: str) -> None:
+    state = _state()
+    state.update_blob(job_id, step_id, status="failed", error=error)
+    for image_id in image_ids:
+        state.update_image(job_id, image_id, status="failed", error=error)
+
+
+@app.task(name="ferry.copy_blob", bind=True, max_retries=None, acks_late=True)
+def copy_blob(
+    self: Task,
+    job_id: str,
+    image_id: str,
+    step_id: str,
+    source: str,
+    destination: str,
+    digest: str,
+    size: int,
+    media_type: str,
+    mount_from: str | None = None,
+) -> dict[str, Any]:
+    """Make one blob exist at the destination: skip, mount, or stream it (once per registry at a time)."""
+    state = _state()
+    if state.cancelled(job_id):
+        return {"digest": digest, "action": "cancelled"}
+    rec = state.blobs(job_id).get(step_id) or {}
+    if rec.get("status") == "done":
+        return {"digest": digest, "action": rec.get("action", "done"), "bytes": 0}
+    step = BlobStep(step_id, source, destination, digest, size, media_type, mount_from=mount_from)
+    images = list(rec.get("images") or [image_id])
+    ctx = _context(job_id)
+    store = blob_store(step)
+    try:
+        for image in images:
+            state.update_image(job_id, image, status="running")
+        result = existing_blob(ctx, step)
+        if result is None:
+            token = state.acquire_lock(store, digest, LOCK_TTL)
+            if token is None:
+                # another worker is uploading this blob: come back when it should be done, then mount
+                wait = max(min(state.lock_ttl(store, digest), LOCK_TTL), 1.0)
+                raise self.retry(countdown=wait * (0.5 + random.random() / 2), max_retries=None)
+            try:
+                result = existing_blob(ctx, step)
+                if result is None:
+                    with state.slot(_host(destination), self.request.id or step_id, ttl=LOCK_TTL * 120) as got:
+                        if not got:
+                            # the registry's transfer slots are all taken: queue up again shortly
+                            raise self.retry(countdown=1.0 + random.random() * 2, max_retries=None)
+                        state.blob_attempt(job_id, step_id)
+                        with _heartbeat(ctx, job_id, store, digest, token):
+                            result = transfer_blob(ctx, step)
+            finally:
+                state.release_lock(store, digest, token)
+        state.update_blob(
+            job_id, step_id, status="done", action=result.action, bytes=result.bytes, worker=socket.gethostname()
+        )
+        return {"digest": digest, "action": result.action, "bytes": result.bytes}
+    except Retry:
+        raise
+    except FerryError as exc:
+        if state.cancelled(job_id):
+            state.update_blob(job_id, step_id, status="cancelled")
+            return {"digest": digest, "action": "cancelled"}
+        error = " ".join(str(exc).split())
+        attempts = int(state.blobs(job_id).get(step_id, {}).get("attempts", 0))
+        limit = int(json.loads(state.job(job_id).get("options", "{}")).get("task_retries", DEFAULT_TASK_RETRIES))
+        if is_temporary(exc) and attempts <= limit and not ctx.cancel.is_set():
+            state.update_blob(job_id, step_id, status="retrying", error=error)
+            countdown = getattr(exc, "retry_after", None) or min(60.0, 2.0**attempts) * random.uniform(0.5, 1.0)
+            raise self.retry(countdown=countdown, max_retries=None) from exc
+        _fail_images(job_id, step_id, images, error)
+        raise
+    finally:
+        ctx.close_transports()
+
+
+@app.task(name="ferry.finalize_image", bind=True, acks_late=True)
+def finalize_image(self: Task, job_id: str, image_id: str) -> dict[str, Any]:
+    """Once every blob of the image exists: push child manifests, the index, then the tag(s)."""
+    state = _state()
+    record = state.images(job_id).get(image_id) or {}
+    if state.cancelled(job_id) or record.get("status") in ("failed", "cancelled"):
+        return {"image": image_id, "status": record.get("status", "cancelled")}
+    steps = [ManifestStep(**s) for s in _manifest_steps(job_id, image_id)]
+    ctx = _context(job_id)
+    try:
+        for step in steps:
+            run_manifest_step(ctx, step)
+        ctx.commit()
+    except FerryError as exc:
+        error = " ".join(str(exc).split())
+        if is_temporary(exc) and self.request.retries < DEFAULT_TASK_RETRIES:
+            raise self.retry(countdown=2.0 ** (self.request.retries + 1), exc=exc) from exc
+        state.update_image(job_id, image_id, status="failed", error=error)
+        raise
+    finally:
+        ctx.close_transports()
+    state.update_image(job_id, image_id, status="done", finished=time.time())
+    return {"image": image_id, "status": "done", "digest": record.get("digest", "")}
+
+
+def _manifest_steps(job_id: str, image_id: str) -> list[dict[str, Any]]:
+    raw = _state().r.hget(f"ferry:job:{job_id}:manifests", image_id)
+    steps: list[dict[str, Any]] = json.loads(str(raw)) if raw else []
+    for s in steps:
+        s["raw"] = s["raw"].encode()
+        s["deps"] = tuple(s.get("deps") or ())
+    return steps
+
+
+__all__ = ["ImageName", "copy_blob", "finalize_image"]
