@@ -12,10 +12,14 @@ What it does:
    cache says), runs the copy as a child process and reads the child's own resource usage with ``os.wait4``
    (``ru_maxrss``: peak resident set size of that process, in KiB on Linux), then checks the copy (the
    destination manifest digest equals the source's, and the layer is there) and deletes the destination;
-3. prints a Markdown table (median wall time, throughput, max peak RSS over the runs) and writes every
-   measurement as JSON to ``bench-out/copy.json``.
+3. prints a Markdown table (median wall time, throughput, max peak RSS over the runs, CPU time of the tool and of
+   the destination registry) and writes every measurement as JSON to ``bench-out/copy.json``.
 
-Runs of the tools are interleaved (ferry, skopeo, ferry, skopeo, ...) so slow drift of the machine hits both.
+Besides ``ferry`` and ``skopeo`` there is a reference ``curl``: ``curl GET blob | curl PUT blob`` of the layer
+only (the config and manifest are pushed untimed afterwards). It does no verification and no protocol work,
+so its wall time is the ceiling the two registries allow on this machine.
+
+Runs of the tools are interleaved (ferry, skopeo, curl, ferry, ...) so slow drift of the machine hits all.
 Everything (registries, temp storage) is stopped and removed at the end, also on error or Ctrl-C.
 """
 
@@ -28,6 +32,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -40,7 +45,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.harness.images import Image, blob_exists, build_image, fetch_manifest, make_stream_layer, push_image
+import httpx
+
+from tests.harness.images import (
+    Image,
+    blob_exists,
+    build_image,
+    fetch_manifest,
+    make_stream_layer,
+    push_blob,
+    push_image,
+    put_manifest,
+)
 from tests.harness.servers import REGISTRY_BIN, RegistryServer, start_registry, stop_all
 from worker.registry import Digest
 
@@ -52,7 +68,9 @@ DEFAULT_SIZES = "64M,1G"
 SKOPEO_BIN = "/usr/bin/skopeo"
 GNU_TIME = shutil.which("time", path="/usr/bin:/bin") or ""  # GNU time (apt package "time"), not the shell keyword
 SRC_REPO = "bench/source"
-TOOLS = ("ferry", "skopeo")
+TOOLS = ("ferry", "skopeo", "curl")
+CURL_BIN = "/usr/bin/curl"
+CLOCK_TICK = os.sysconf("SC_CLK_TCK")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": MIB, "G": GIB, "T": 1 << 40}
@@ -151,6 +169,8 @@ class Run:
     sys_s: float
     verified: bool
     dest_digest: str
+    src_registry_cpu_s: float
+    dest_registry_cpu_s: float
 
 
 @dataclass
@@ -175,6 +195,10 @@ class Case:
     def median_cpu_s(self) -> float:
         return statistics.median(r.user_s + r.sys_s for r in self.runs)
 
+    @property
+    def median_dest_registry_cpu_s(self) -> float:
+        return statistics.median(r.dest_registry_cpu_s for r in self.runs)
+
     def summary(self) -> dict[str, Any]:
         walls = [r.wall_s for r in self.runs]
         return {
@@ -188,25 +212,56 @@ class Case:
             "throughput_mib_s": round(self.throughput_mib_s, 1),
             "max_rss_mib": round(self.max_rss_mib, 1),
             "median_cpu_s": round(self.median_cpu_s, 3),
+            "median_dest_registry_cpu_s": round(self.median_dest_registry_cpu_s, 3),
             "all_verified": all(r.verified for r in self.runs),
             "measurements": [asdict(r) for r in self.runs],
         }
 
 
-def tool_argv(tool: str, ferry: str, skopeo: str, src: str, dst: str) -> list[str]:
+def tool_argv(tool: str, bins: dict[str, str], src: str, dst: str) -> list[str]:
     """The copy command. ``--preserve-digests`` on both: a byte-for-byte copy. Without it skopeo gzips the
     uncompressed layer on the way to the registry (containers/image compresses uncompressed layers for docker
     destinations), which changes the digests and measures gzip rather than transfer; Ferry copies as-is
     either way."""
     opts = ["--src-tls-verify=false", "--dest-tls-verify=false", "--preserve-digests"]
     if tool == "ferry":
-        return [ferry, "copy", *opts, f"docker://{src}", f"docker://{dst}"]
-    return [skopeo, "copy", "--insecure-policy", *opts, f"docker://{src}", f"docker://{dst}"]
+        return [bins["ferry"], "copy", *opts, f"docker://{src}", f"docker://{dst}"]
+    return [bins["skopeo"], "copy", "--insecure-policy", *opts, f"docker://{src}", f"docker://{dst}"]
 
 
-def startup_argv(tool: str, ferry: str, skopeo: str) -> list[str]:
+def curl_argv(curl: str, src: RegistryServer, dst: RegistryServer, repo: str, image: Image) -> list[str]:
+    """``curl GET | curl PUT`` of the layer into an upload session opened here (untimed)."""
+    layer = image.layers[0]
+    resp = httpx.post(f"{dst.url}/v2/{repo}/blobs/uploads/")
+    resp.raise_for_status()
+    put = httpx.URL(dst.url).join(resp.headers["location"]).copy_merge_params({"digest": str(layer.digest)})
+    get = f"{src.url}/v2/{SRC_REPO}/blobs/{layer.digest}"
+    q = shlex.quote
+    pipeline = (
+        f"set -o pipefail; {q(curl)} -sSf {q(get)} | "
+        f"{q(curl)} -sSf -X PUT -H 'Content-Type: application/octet-stream' -T - {q(str(put))}"
+    )
+    return ["/bin/bash", "-c", pipeline]
+
+
+def curl_finish(dst: RegistryServer, repo: str, tag: str, image: Image) -> None:
+    """After the timed layer upload: the config and the manifest, so the copy verifies like the others."""
+    push_blob(dst.url, repo, image.config_digest, image.config, len(image.config))
+    put_manifest(dst.url, repo, tag, image.manifest, image.media_type)
+
+
+def startup_argv(tool: str, bins: dict[str, str]) -> list[str]:
     """A command that starts the tool and does nothing: its RSS is the interpreter/binary baseline."""
-    return [ferry, "copy", "--help"] if tool == "ferry" else [skopeo, "copy", "--help"]
+    return [bins[tool], "--version"] if tool == "curl" else [bins[tool], "copy", "--help"]
+
+
+def process_cpu_s(reg: RegistryServer) -> float:
+    """User + system CPU seconds the registry process has used so far."""
+    if reg.process is None:
+        return 0.0
+    with open(f"/proc/{reg.process.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICK
 
 
 def verify_copy(dst: RegistryServer, repo: str, tag: str, image: Image) -> tuple[bool, str]:
@@ -224,7 +279,7 @@ def check_disk(work: Path, sizes: list[int]) -> None:
         raise SystemExit(f"{work}: {human_size(free)} free, the benchmark needs about {human_size(need)}")
 
 
-def machine_info(ferry: str, skopeo: str) -> dict[str, Any]:
+def machine_info(bins: dict[str, str]) -> dict[str, Any]:
     def first_line(argv: list[str]) -> str:
         try:
             out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False).stdout
@@ -256,7 +311,8 @@ def machine_info(ferry: str, skopeo: str) -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "ferry": ferry_version,
-        "skopeo": first_line([skopeo, "--version"]),
+        "skopeo": first_line([bins["skopeo"], "--version"]),
+        "curl": first_line([bins["curl"], "--version"]),
         "registry": first_line([REGISTRY_BIN, "--version"]),
         "rss_method": "GNU time (wait4 of its child)" if GNU_TIME else "os.wait4 of a direct child (upper bound)",
     }
@@ -274,20 +330,21 @@ def seed(src: RegistryServer, size: int) -> tuple[str, Image, float]:
 def render_table(cases: list[Case], baselines: dict[str, Measurement]) -> str:
     lines = [
         "| tool | layer | runs | median wall (s) | wall min-max (s) | throughput (MiB/s) | peak RSS (MiB) "
-        "| CPU user+sys (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| CPU user+sys (s) | dest registry CPU (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for tool, m in baselines.items():
+        what = "`--version`" if tool == "curl" else "`copy --help`"
         lines.append(
-            f"| {tool} | (`copy --help`: startup only) | 1 | {m.wall_s:.2f} | | | {m.maxrss_kib / 1024:.1f} "
-            f"| {m.user_s + m.sys_s:.2f} |"
+            f"| {tool} | ({what}: startup only) | 1 | {m.wall_s:.2f} | | | {m.maxrss_kib / 1024:.1f} "
+            f"| {m.user_s + m.sys_s:.2f} | |"
         )
     for c in cases:
         walls = [r.wall_s for r in c.runs]
         lines.append(
             f"| {c.tool} | {human_size(c.size)} | {len(c.runs)} | {c.median_wall_s:.2f} "
             f"| {min(walls):.2f}-{max(walls):.2f} | {c.throughput_mib_s:.0f} | {c.max_rss_mib:.1f} "
-            f"| {c.median_cpu_s:.2f} |"
+            f"| {c.median_cpu_s:.2f} | {c.median_dest_registry_cpu_s:.2f} |"
         )
     return "\n".join(lines)
 
@@ -311,47 +368,87 @@ def rss_growth(cases: list[Case]) -> dict[str, dict[str, float]]:
     return out
 
 
+def measure_copy(
+    tool: str,
+    bins: dict[str, str],
+    src: RegistryServer,
+    work: Path,
+    n: int,
+    size: int,
+    run: int,
+    tag: str,
+    image: Image,
+    env: dict[str, str],
+    timeout: float,
+) -> Run:
+    """One measured copy into a fresh destination registry, which is removed afterwards."""
+    dst_dir = work / f"dest-{n}"
+    cache = work / f"ferry-cache-{n}"
+    dst = start_registry(dst_dir)
+    try:
+        env = {**env, "FERRY_CACHE_DIR": str(cache)}  # fresh: no remembered blob locations, no mounts
+        repo = f"bench/{tool}-{size}-{run}"
+        if tool == "curl":
+            argv = curl_argv(bins["curl"], src, dst, repo, image)
+        else:
+            argv = tool_argv(tool, bins, f"{src.host}/{SRC_REPO}:{tag}", f"{dst.host}/{repo}:{tag}")
+        src_cpu, dst_cpu = process_cpu_s(src), process_cpu_s(dst)
+        m = run_measured(argv, env, work / "commands.log", timeout)
+        src_cpu, dst_cpu = process_cpu_s(src) - src_cpu, process_cpu_s(dst) - dst_cpu
+        verified, digest = False, ""
+        if m.exit_code == 0:
+            if tool == "curl":
+                curl_finish(dst, repo, tag, image)
+            verified, digest = verify_copy(dst, repo, tag, image)
+        return Run(
+            tool, size, run, m.wall_s, m.maxrss_kib, m.user_s, m.sys_s, verified, digest, src_cpu, dst_cpu
+        )  # fmt: skip
+    finally:
+        dst.stop()
+        shutil.rmtree(dst_dir, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.copy_bench", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--sizes", type=parse_sizes, default=parse_sizes(DEFAULT_SIZES), help="layer sizes (default: 64M,1G)"
     )
     parser.add_argument("--runs", type=int, default=3, help="runs per (tool, size) (default: 3)")
-    parser.add_argument("--tools", default=",".join(TOOLS), help="comma-separated: ferry,skopeo (default: both)")
+    parser.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated subset of {','.join(TOOLS)}")
     parser.add_argument(
         "--ferry", default=str(Path(sys.executable).with_name("ferry")), help="ferry binary (default: the venv's)"
     )
     parser.add_argument("--skopeo", default=SKOPEO_BIN, help=f"skopeo binary (default: {SKOPEO_BIN})")
+    parser.add_argument("--curl", default=CURL_BIN, help=f"curl binary (default: {CURL_BIN})")
     parser.add_argument("--work-dir", default=None, help="where the temp storage goes (default: $TMPDIR or /tmp)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default: {DEFAULT_OUT})")
     parser.add_argument("--timeout", type=float, default=900.0, help="kill a copy after this many seconds")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (registry storage, logs)")
     args = parser.parse_args(argv)
 
+    bins = {"ferry": args.ferry, "skopeo": args.skopeo, "curl": args.curl}
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     for t in tools:
         if t not in TOOLS:
             parser.error(f"unknown tool {t!r}")
-    for binary in (args.ferry if "ferry" in tools else None, args.skopeo if "skopeo" in tools else None):
-        if binary and not os.access(binary, os.X_OK):
-            parser.error(f"{binary}: not executable")
+        if not os.access(bins[t], os.X_OK):
+            parser.error(f"{bins[t]}: not executable")
     if args.runs < 1:
         parser.error("--runs must be >= 1")
     sizes: list[int] = args.sizes
 
     work = Path(tempfile.mkdtemp(prefix="ferry-bench-", dir=args.work_dir))
-    check_disk(work, sizes)
-    log_path = work / "commands.log"
-    machine = machine_info(args.ferry, args.skopeo)
+    machine = machine_info(bins)
     print(f"# ferry copy benchmark: sizes {', '.join(human_size(s) for s in sizes)}; {args.runs} runs; work {work}")
     print("# machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()), flush=True)
 
     cases = {(t, s): Case(t, s) for s in sizes for t in tools}
     baselines: dict[str, Measurement] = {}
     seeding: dict[int, float] = {}
-    src: RegistryServer | None = None
     ok = True
     try:
+        check_disk(work, sizes)
         src = start_registry(work / "source")
         seeded: dict[int, tuple[str, Image]] = {}
         for size in sizes:
@@ -360,12 +457,11 @@ def main(argv: list[str] | None = None) -> int:
             seeding[size] = took
             print(f"seeded {src.host}/{SRC_REPO}:{tag} ({human_size(size)} layer) in {took:.1f}s", flush=True)
 
-        base_env = dict(os.environ)
-        tmp = work / "tmp"
-        tmp.mkdir()
-        base_env["TMPDIR"] = str(tmp)
+        env = dict(os.environ)
+        (work / "tmp").mkdir()
+        env["TMPDIR"] = str(work / "tmp")
         for tool in tools:
-            baselines[tool] = run_measured(startup_argv(tool, args.ferry, args.skopeo), base_env, log_path, 60)
+            baselines[tool] = run_measured(startup_argv(tool, bins), env, work / "commands.log", 60)
 
         n = 0
         for size in sizes:
@@ -373,39 +469,20 @@ def main(argv: list[str] | None = None) -> int:
             for run in range(args.runs):
                 for tool in tools:
                     n += 1
-                    dst_dir = work / f"dest-{n}"
-                    dst = start_registry(dst_dir)
-                    try:
-                        env = dict(base_env)
-                        cache = work / f"ferry-cache-{n}"
-                        env["FERRY_CACHE_DIR"] = str(cache)  # fresh: no remembered blob locations, no mounts
-                        repo = f"bench/{tool}-{size}-{run}"
-                        argv_ = tool_argv(tool, args.ferry, args.skopeo, f"{src.host}/{SRC_REPO}:{tag}",
-                                          f"{dst.host}/{repo}:{tag}")  # fmt: skip
-                        m = run_measured(argv_, env, log_path, args.timeout)
-                        verified, digest = False, ""
-                        if m.exit_code == 0:
-                            verified, digest = verify_copy(dst, repo, tag, image)
-                        r = Run(tool, size, run, m.wall_s, m.maxrss_kib, m.user_s, m.sys_s, verified, digest)
-                        cases[(tool, size)].runs.append(r)
-                        print(
-                            f"{tool:6} {human_size(size):>8} run {run + 1}: {m.wall_s:7.2f}s "
-                            f"{size / MIB / m.wall_s:7.0f} MiB/s  peak RSS {m.maxrss_kib / 1024:7.1f} MiB  "
-                            f"cpu {m.user_s + m.sys_s:6.2f}s  exit {m.exit_code}  "
-                            f"{'verified' if verified else 'NOT VERIFIED'}",
-                            flush=True,
-                        )
-                        if not verified:
-                            ok = False
-                            tail = log_path.read_text(errors="replace")[-3000:]
-                            print(f"copy failed or did not verify; end of {log_path}:\n{tail}", file=sys.stderr)
-                    finally:
-                        dst.stop()
-                        shutil.rmtree(dst_dir, ignore_errors=True)
-                        shutil.rmtree(work / f"ferry-cache-{n}", ignore_errors=True)
+                    r = measure_copy(tool, bins, src, work, n, size, run, tag, image, env, args.timeout)
+                    cases[(tool, size)].runs.append(r)
+                    print(
+                        f"{tool:6} {human_size(size):>8} run {run + 1}: {r.wall_s:7.2f}s "
+                        f"{size / MIB / r.wall_s:6.0f} MiB/s  peak RSS {r.maxrss_kib / 1024:6.1f} MiB  "
+                        f"cpu {r.user_s + r.sys_s:5.2f}s  registries cpu src {r.src_registry_cpu_s:5.2f}s "
+                        f"dest {r.dest_registry_cpu_s:5.2f}s  {'verified' if r.verified else 'NOT VERIFIED'}",
+                        flush=True,
+                    )
+                    if not r.verified:
+                        ok = False
+                        tail = (work / "commands.log").read_text(errors="replace")[-3000:]
+                        print(f"copy failed or did not verify; end of the command log:\n{tail}", file=sys.stderr)
     finally:
-        if src is not None:
-            src.stop()
         stop_all()
         if args.keep:
             print(f"# kept {work}")

@@ -96,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import copy_cmd
 
     copy_cmd.add_parsers(sub, verb)
-    from . import distributed
+    from . import distributed, sync_cmd
 
+    sync_cmd.add_parsers(sub, verb)
     distributed.add_parsers(sub, verb)
     return parser
 

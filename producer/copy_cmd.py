@@ -121,10 +121,12 @@ def write_outputs(args: argparse.Namespace, report: Report, plan: Plan) -> None:
                 f.write(digests[0])
 
 
-def run_embedded(args: argparse.Namespace, ctx: EngineContext, plan: Plan, quiet: bool) -> Report:
+def run_embedded(
+    args: argparse.Namespace, ctx: EngineContext, plan: Plan, quiet: bool, *, fail_fast: bool = False
+) -> Report:
     progress = make_progress(quiet)
     ctx.on_bytes = progress.on_bytes
-    executor = EmbeddedExecutor(ctx, parallel=args.image_parallel_copies, events=progress)
+    executor = EmbeddedExecutor(ctx, parallel=args.image_parallel_copies, events=progress, fail_fast=fail_fast)
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
         ctx.cancel.set()

@@ -29,10 +29,28 @@ def visibility_timeout() -> int:
     return int(os.environ.get("FERRY_VISIBILITY_TIMEOUT", str(6 * 3600)))
 
 
+def transport_options(timeout: int | None = None) -> dict[str, int]:
+    """Redis transport options: the visibility timeout, and how often workers look for tasks to redeliver.
+
+    A worker re-queues the unacknowledged tasks older than the visibility timeout only when it sweeps, and
+    kombu sweeps every ``unacked_restore_interval * unacked_restore_throttle`` seconds (100 by default). Sweep
+    about five times per visibility timeout (at most every 100 s, at least every second), so a dead worker's
+    task is redone soon after the timeout rather than minutes later.
+    """
+    timeout = visibility_timeout() if timeout is None else timeout
+    sweep = min(max(timeout // 5, 1), 100)
+    interval = min(sweep, 10)
+    return {
+        "visibility_timeout": timeout,
+        "unacked_restore_interval": interval,
+        "unacked_restore_throttle": max(sweep // interval, 1),
+    }
+
+
 def make_app(url: str | None = None) -> Celery:
     url = url or queue_url()
     celery = Celery("ferry", broker=url, backend=url, include=["worker.tasks"])
-    transport = {"visibility_timeout": visibility_timeout()}
+    transport = transport_options()
     celery.conf.update(
         task_serializer="json",
         result_serializer="json",

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, cast
@@ -162,14 +162,23 @@ class SharedState:
         raw = cast(dict[str, str], self.r.hgetall(f"{PREFIX}job:{job_id}:blobs"))
         return {k: json.loads(v) for k, v in raw.items()}
 
-    def _update(self, key: str, field: str, **changes: Any) -> dict[str, Any]:
-        # read-modify-write under WATCH so concurrent workers never lose an update
+    def _modify(
+        self, key: str, field: str, change: Callable[[dict[str, Any]], dict[str, Any] | None]
+    ) -> dict[str, Any]:
+        """Read-modify-write one JSON record under WATCH so concurrent workers never lose an update.
+
+        ``change`` gets the current record and returns the fields to set, or ``None`` to leave it as it is.
+        """
         with self.r.pipeline() as pipe:
             while True:
                 try:
                     pipe.watch(key)  # type: ignore[no-untyped-call]
                     current = pipe.hget(key, field)
                     rec = json.loads(cast(str, current)) if current else {}
+                    changes = change(dict(rec))
+                    if changes is None:
+                        pipe.unwatch()  # type: ignore[no-untyped-call]
+                        return rec
                     rec.update(changes)
                     pipe.multi()
                     pipe.hset(key, field, json.dumps(rec))
@@ -177,6 +186,9 @@ class SharedState:
                     return rec
                 except redis.WatchError:
                     continue
+
+    def _update(self, key: str, field: str, **changes: Any) -> dict[str, Any]:
+        return self._modify(key, field, lambda rec: changes)
 
     def update_image(self, job_id: str, image_id: str, **changes: Any) -> dict[str, Any]:
         rec = self._update(f"{PREFIX}job:{job_id}:images", image_id, **changes)
@@ -187,12 +199,24 @@ class SharedState:
     def update_blob(self, job_id: str, step_id: str, **changes: Any) -> dict[str, Any]:
         return self._update(f"{PREFIX}job:{job_id}:blobs", step_id, **changes)
 
-    def blob_attempt(self, job_id: str, step_id: str) -> int:
-        key = f"{PREFIX}job:{job_id}:blobs"
-        rec = self._update(key, step_id, status="running")
-        attempts = int(rec.get("attempts", 0)) + 1
-        self._update(key, step_id, attempts=attempts)
-        return attempts
+    def start_image(self, job_id: str, image_id: str) -> bool:
+        """Mark an image running, unless it already ended (failed, cancelled, done): a late blob task of an
+        image that failed must not bring it back to "running", or the job would never end."""
+        rec = self._modify(
+            f"{PREFIX}job:{job_id}:images",
+            image_id,
+            lambda rec: None if rec.get("status") in TERMINAL else {"status": "running"},
+        )
+        return rec.get("status") == "running"
+
+    def blob_attempt(self, job_id: str, step_id: str, worker: str = "") -> int:
+        """Record that a transfer of the blob starts now (on ``worker``); returns the attempt number."""
+        rec = self._modify(
+            f"{PREFIX}job:{job_id}:blobs",
+            step_id,
+            lambda rec: {"status": "running", "attempts": int(rec.get("attempts", 0)) + 1, "worker": worker},
+        )
+        return int(rec["attempts"])
 
     def _maybe_finish(self, job_id: str) -> None:
         images = self.images(job_id)

@@ -108,6 +108,11 @@ def _heartbeat(ctx: EngineContext, job_id: str, store: str, digest: str, token: 
         t.join(timeout=5)
 
 
+def _worker_name(task: Task) -> str:
+    """The Celery node name (``--hostname``, e.g. ``w1@host``): unique per worker, even several on one machine."""
+    return str(getattr(task.request, "hostname", None) or socket.gethostname())
+
+
 def _fail_images(job_id: str, step_id: str, image_ids: list[str], error: str) -> None:
     state = _state()
     state.update_blob(job_id, step_id, status="failed", error=error)
@@ -139,9 +144,10 @@ def copy_blob(
     images = list(rec.get("images") or [image_id])
     ctx = _context(job_id)
     store = blob_store(step)
+    worker = _worker_name(self)
     try:
         for image in images:
-            state.update_image(job_id, image, status="running")
+            state.start_image(job_id, image)
         result = existing_blob(ctx, step)
         if result is None:
             token = state.acquire_lock(store, digest, LOCK_TTL)
@@ -156,13 +162,13 @@ def copy_blob(
                         if not got:
                             # the registry's transfer slots are all taken: queue up again shortly
                             raise self.retry(countdown=1.0 + random.random() * 2, max_retries=None)
-                        state.blob_attempt(job_id, step_id)
+                        state.blob_attempt(job_id, step_id, worker)
                         with _heartbeat(ctx, job_id, store, digest, token):
                             result = transfer_blob(ctx, step)
             finally:
                 state.release_lock(store, digest, token)
         state.update_blob(
-            job_id, step_id, status="done", action=result.action, bytes=result.bytes, worker=socket.gethostname()
+            job_id, step_id, status="done", action=result.action, bytes=result.bytes, worker=worker
         )
         return {"digest": digest, "action": result.action, "bytes": result.bytes}
     except Retry:

@@ -43,6 +43,10 @@ class SqliteBlobLocations:
                     "CREATE TABLE IF NOT EXISTS locations (store TEXT, digest TEXT, repository TEXT, seen REAL,"
                     " PRIMARY KEY (store, digest, repository))"
                 )
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS memo (source TEXT, digest TEXT, options TEXT, dest_digest TEXT,"
+                    " PRIMARY KEY (source, digest, options))"
+                )
                 self._db = db
             except (OSError, sqlite3.Error):
                 # a cache we cannot open only costs uploads a mount would have saved
@@ -72,6 +76,35 @@ class SqliteBlobLocations:
                 db.execute(
                     "INSERT OR REPLACE INTO locations (store, digest, repository, seen) VALUES (?, ?, ?, ?)",
                     (store, digest, repository, time.time()),
+                )
+            except sqlite3.Error:
+                pass
+
+    # -- sync memo: what a source digest became at the destination (conversions, platform picks) --------
+
+    def memo_get(self, source: str, digest: str, options_key: str) -> str | None:
+        with self._lock:
+            db = self._conn()
+            if db is None:
+                return None
+            try:
+                row = db.execute(
+                    "SELECT dest_digest FROM memo WHERE source=? AND digest=? AND options=?",
+                    (source, digest, options_key),
+                ).fetchone()
+            except sqlite3.Error:
+                return None
+            return str(row[0]) if row else None
+
+    def memo_put(self, source: str, digest: str, options_key: str, dest_digest: str) -> None:
+        with self._lock:
+            db = self._conn()
+            if db is None:
+                return
+            try:
+                db.execute(
+                    "INSERT OR REPLACE INTO memo (source, digest, options, dest_digest) VALUES (?, ?, ?, ?)",
+                    (source, digest, options_key, dest_digest),
                 )
             except sqlite3.Error:
                 pass

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -103,11 +102,13 @@ class EmbeddedExecutor:
         *,
         parallel: int = 6,
         events: Events | None = None,
-        on_complete: Callable[[Report], None] | None = None,
+        fail_fast: bool = False,
     ) -> None:
         self.ctx = ctx
         self.parallel = max(1, parallel)
         self.events: Events = events or NoEvents()
+        #: stop starting new steps once an image failed (sync without --keep-going)
+        self.fail_fast = fail_fast
 
     def run(self, plan: Plan) -> Report:
         started = time.monotonic()
@@ -132,6 +133,7 @@ class EmbeddedExecutor:
         ready = [sid for sid, deps in remaining.items() if not deps]
         done: set[str] = set()
         lock = threading.Lock()
+        aborted = threading.Event()
 
         def finish_step(sid: str) -> None:
             for image_id in step_images.get(sid, []):
@@ -158,6 +160,8 @@ class EmbeddedExecutor:
                         out.status = status
                         out.error = error
                         self.events.image_finished(out)
+                        if status == "failed" and self.fail_fast:
+                            aborted.set()
 
         def run_step(step: Step) -> BlobResult | None:
             if self.ctx.cancel.is_set():
@@ -172,6 +176,10 @@ class EmbeddedExecutor:
         running: dict[Future[BlobResult | None], str] = {}
         try:
             while ready or running:
+                if aborted.is_set():
+                    ready.clear()
+                    if not running:
+                        break
                 while ready and len(running) < self.parallel * 2 and not self.ctx.cancel.is_set():
                     sid = ready.pop(0)
                     if sid in done:
@@ -218,6 +226,11 @@ class EmbeddedExecutor:
                         outcome.error = "interrupted"
             else:
                 pool.shutdown(wait=True)
+            if aborted.is_set():
+                for outcome in report.images:
+                    if outcome.status == "pending":
+                        outcome.status = "cancelled"
+                        outcome.error = "not attempted: an earlier image failed"
             report.seconds = time.monotonic() - started
         return report
 

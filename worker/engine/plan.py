@@ -96,6 +96,8 @@ class ResolvedImage:
     dest_digest: Digest | None = None
     #: extra manifests to copy after the image (signatures, referrers): (manifest, tag or None)
     extras: list[tuple[SourceManifest, str | None]] = field(default_factory=list)
+    #: options for this image when they differ from the plan's (sync: platforms per registry entry)
+    options: CopyOptions | None = None
 
 
 @dataclass(frozen=True)
@@ -222,6 +224,7 @@ def resolve_image(
         elif options.multi_arch != "index-only":
             for d in _selected(index.manifests, options.platforms):
                 resolved.children[d.digest] = _fetch(src, d.digest)
+    resolved.options = options
     if head_destination:
         try:
             head = dest.head_manifest(None)
@@ -340,7 +343,7 @@ def plan_copy(images: Sequence[ResolvedImage], options: CopyOptions) -> Plan:
     """Turn resolved images into one plan; each (destination store, digest) is transferred once."""
     b = _Builder()
     for n, r in enumerate(images):
-        _plan_one(b, r, options, f"i{n + 1}")
+        _plan_one(b, r, r.options or options, f"i{n + 1}")
     return b.plan
 
 

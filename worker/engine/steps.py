@@ -58,6 +58,8 @@ class EngineContext:
     """Opened transports and shared helpers for running steps."""
 
     source_side: SideConfig = field(default_factory=SideConfig)
+    #: per source registry (sync YAML entries carry their own TLS settings and credentials)
+    source_sides: dict[str, SideConfig] = field(default_factory=dict)
     dest_side: SideConfig = field(default_factory=SideConfig)
     locations: BlobLocations = field(default_factory=MemoryBlobLocations)
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -73,7 +75,11 @@ class EngineContext:
         with self._lock:
             src = self._sources.get(name)
             if src is None:
-                src = open_source(ImageName.parse(name), self.source_side, self.pool)
+                parsed = ImageName.parse(name)
+                side = self.source_side
+                if parsed.reference is not None:
+                    side = self.source_sides.get(parsed.reference.registry, side)
+                src = open_source(parsed, side, self.pool)
                 self._sources[name] = src
             return src
 

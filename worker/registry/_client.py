@@ -350,14 +350,18 @@ class RegistryClient:
         if params:
             url += ("&" if "?" in url else "?") + urlencode(params)
         replayable = content is None or isinstance(content, bytes)
+        # An absolute URL from the registry (upload Location, Link header) may name another host:
+        # credentials and tokens go only to this registry's own host.
+        own_host = _same_host(url, self.host)
 
         def attempt() -> httpx.Response:
             tries = 0
             while True:
                 hdrs = dict(headers or {})
-                hdrs.update(self.auth.headers(scopes))
+                if own_host:
+                    hdrs.update(self.auth.headers(scopes))
                 resp = self._send_raw(method, url, headers=hdrs, content=content, stream=stream)
-                if resp.status_code == 401 and replayable:
+                if resp.status_code == 401 and replayable and own_host:
                     with contextlib.suppress(httpx.HTTPError):
                         resp.read()
                     resp.close()
@@ -577,7 +581,9 @@ class RegistryClient:
             resp = self.options.retry.run(lambda: open_at(0))
             while True:
                 try:
-                    for chunk in resp.iter_raw(READ_CHUNK):
+                    # chunks as they arrive: a re-chunking buffer would lose what it held when the
+                    # connection drops, and the resume would start before bytes already received
+                    for chunk in resp.iter_raw():
                         received += len(chunk)
                         yield chunk
                     return
@@ -798,6 +804,17 @@ def _counting(it: Iterator[bytes], progress: Callable[[int], None] | None) -> It
         if progress:
             progress(len(chunk))
         yield chunk
+
+
+def _same_host(url: str, host: str) -> bool:
+    """Whether ``url`` points at ``host`` (``name[:port]``); a missing port matches the scheme's default."""
+    target = urlsplit(url)
+    own = urlsplit("//" + host)
+    if (target.hostname or "").lower() != (own.hostname or "").lower():
+        return False
+    default = {"https": 443, "http": 80}.get(target.scheme)
+    target_port = target.port or default
+    return target_port == (own.port or default)
 
 
 def _next_link(header: str | None, base: str) -> str | None:

@@ -1,0 +1,155 @@
+"""``sync``: bulk migration, skopeo-compatible (same flags, same YAML), in parallel, resumable, with signatures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from worker.engine.blobcache import SqliteBlobLocations
+from worker.engine.executor import ImageOutcome, Report
+from worker.engine.plan import Plan, plan_copy
+from worker.engine.sync import (
+    SyncRequest,
+    _options_key,
+    apply_deletions,
+    check,
+    discover,
+    plan_deletions,
+    resolve_changed,
+)
+from worker.registry import InvalidInput
+
+from .copy_cmd import EXIT_INTERRUPTED, add_copy_flags, copy_options, engine_context, run_embedded
+from .progress import human_bytes, summary_line
+
+
+def add_parsers(sub: Any, verb: Callable[..., argparse.ArgumentParser]) -> None:
+    p = verb("sync", sync, "Synchronize images between registries, directories and OCI layouts")
+    p.add_argument("--src", "-s", required=True, choices=("docker", "yaml", "dir", "oci"), help="SOURCE transport")
+    p.add_argument("--dest", "-d", required=True, choices=("docker", "dir", "oci"), help="DESTINATION transport")
+    from .options import add_bool
+
+    add_bool(p, "--scoped", help="prefix destination images with the full source image path")
+    p.add_argument("--append-suffix", default="", metavar="SUFFIX", help="string appended to destination tags")
+    add_bool(p, "--dry-run", help="print what would be copied, skipped and deleted, with sizes; write nothing")
+    add_bool(p, "--keep-going", help="go on past failed images; exit non-zero if any failed")
+    add_bool(p, "--delete", help="delete destination tags the source no longer has (in synced repositories only)")
+    add_copy_flags(p)
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("destination", metavar="DESTINATION")
+
+
+def sync(args: argparse.Namespace) -> int:
+    options = copy_options(args)
+    if args.delete and args.dest != "docker":
+        raise InvalidInput("--delete works with --dest docker only")
+    ctx = engine_context(args)
+    memo = ctx.locations if isinstance(ctx.locations, SqliteBlobLocations) else None
+    req = SyncRequest(
+        source_kind=args.src,
+        source=args.source,
+        dest_kind=args.dest,
+        destination=args.destination,
+        options=options,
+        scoped=args.scoped,
+        append_suffix=args.append_suffix,
+        remove_signatures=args.remove_signatures,
+    )
+    quiet = args.quiet
+    try:
+        disc = discover(ctx, req)
+        for w in disc.warnings:
+            print(f"Warning: {w}", file=sys.stderr)
+        checked = check(ctx, disc.items, req, memo, parallel=max(args.image_parallel_copies, 4))
+        failures: list[tuple[str, str, str]] = [(str(i.source), str(i.destination), e) for i, e in checked.failed]
+        if failures and not args.keep_going:
+            src, dst, err = failures[0]
+            raise InvalidInput(f"syncing {src}: {err} (use --keep-going to go on past failed images)")
+        resolved, rfailed = resolve_changed(ctx, checked.changed, req, parallel=max(args.image_parallel_copies, 4))
+        failures += [(str(i.source), str(i.destination), e) for i, e in rfailed]
+        if rfailed and not args.keep_going:
+            src, dst, err = failures[-1]
+            raise InvalidInput(f"syncing {src}: {err} (use --keep-going to go on past failed images)")
+        plan = plan_copy(resolved, options)
+        deletions = plan_deletions(ctx, disc, disc.items) if args.delete else []
+        if args.dry_run:
+            return _dry_run(plan, checked.unchanged, deletions, failures)
+        queue = args.queue or os.environ.get("FERRY_QUEUE")
+        if queue:
+            from .distributed import submit_plan
+
+            if deletions:
+                print("Note: --delete runs only without --queue (after the copy has succeeded)", file=sys.stderr)
+            return submit_plan(args, plan, queue, kind="sync")
+        report = run_embedded(args, ctx, plan, quiet, fail_fast=not args.keep_going)
+        for item, digest in checked.unchanged:
+            report.images.append(ImageOutcome("", str(item.source), str(item.destination), "up-to-date", digest))
+        for src, dst, err in failures:
+            report.images.append(ImageOutcome("", src, dst, "failed", error=err))
+        if memo is not None:
+            for img in report.images:
+                src_digest = checked.source_digests.get(img.source)
+                if img.status == "done" and src_digest:
+                    opts = next((r.options for r in resolved if r.source == img.source and r.options), options)
+                    memo.memo_put(img.source, src_digest, _options_key(opts), img.digest)
+        deleted: list[str] = []
+        if deletions and report.ok:
+            deleted = apply_deletions(ctx, deletions)
+    finally:
+        ctx.close()
+    _outputs(args, report, deleted)
+    if not quiet:
+        extra = f"; {len(deleted)} tag(s) deleted" if args.delete else ""
+        print(summary_line(report) + extra, file=sys.stderr)
+    if report.cancelled:
+        return EXIT_INTERRUPTED
+    failed = report.failed
+    if failed:
+        for img in failed:
+            print(f"Error: {img.source} -> {img.destination}: {img.error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _dry_run(plan: Plan, unchanged: list[Any], deletions: list[Any], failures: list[tuple[str, str, str]]) -> int:
+    for img in plan.images:
+        if img.up_to_date:
+            print(f"Would skip {img.source} -> {img.destination}: up to date")
+        else:
+            print(f"Would copy {img.source} -> {img.destination} ({human_bytes(img.size)})")
+    for item, _digest in unchanged:
+        print(f"Would skip {item.source} -> {item.destination}: up to date")
+    for d in deletions:
+        if d.kept_because:
+            print(f"Would keep {d.destination}: shares its digest with {d.kept_because}")
+        else:
+            print(f"Would delete {d.destination} ({d.digest})")
+    for src, dst, err in failures:
+        print(f"Would fail {src} -> {dst}: {err}")
+    total = sum(i.size for i in plan.images if not i.up_to_date)
+    copies = sum(1 for i in plan.images if not i.up_to_date)
+    print(
+        f"Dry run: {copies} image(s) to copy ({human_bytes(total)}), {len(unchanged)} up to date,"
+        f" {sum(1 for d in deletions if not d.kept_because)} to delete; nothing was written",
+        file=sys.stderr,
+    )
+    return 1 if failures else 0
+
+
+def _outputs(args: argparse.Namespace, report: Report, deleted: list[str]) -> None:
+    if args.summary_json:
+        data = report.to_json()
+        data["deleted"] = deleted
+        data["failures"] = [{"source": i.source, "destination": i.destination, "error": i.error} for i in report.failed]
+        with open(args.summary_json, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+    if args.digestfile:
+        with open(args.digestfile, "w") as f:
+            for img in report.images:
+                if img.status == "done":
+                    f.write(f"{img.digest} {img.destination}\n")

@@ -1,0 +1,575 @@
+"""Sync: find what a source holds, name it at the destination like skopeo, and copy only what changed.
+
+Steps:
+
+1. ``discover`` lists the images a sync request names (a repository's tags, a
+   skopeo sync YAML file, a ``dir:`` tree, an OCI layout) as ``SyncItem``s with
+   skopeo's destination naming (``--scoped``, ``--append-suffix``).
+2. ``check`` HEADs each source tag and its destination: an unchanged tag costs two
+   HEAD requests and no GET. Signature tags (cosign ``sha256-<hex>.sig|.att|.sbom``)
+   and OCI referrers of each image join the set unless signatures are removed.
+3. What changed is resolved (GET) and planned with ``plan_copy``, exactly like copy,
+   and run by either executor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import re
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from worker.registry import (
+    Credentials,
+    Descriptor,
+    Digest,
+    FerryError,
+    InvalidInput,
+    InvalidReference,
+    NotFound,
+    Platform,
+    Reference,
+)
+
+from .executor import describe_error
+from .plan import CopyOptions, ResolvedImage, resolve_image
+from .semver import Constraint, Version
+from .steps import EngineContext
+from .transports import ImageName, SideConfig
+
+log = logging.getLogger("ferry.sync")
+
+SIGNATURE_SUFFIXES = (".sig", ".att", ".sbom")
+
+
+@dataclass(frozen=True)
+class SyncItem:
+    source: ImageName
+    destination: ImageName
+    #: a signature / attestation / referrer that goes along with an image
+    extra: bool = False
+    options: CopyOptions | None = None
+
+
+@dataclass
+class EntryRules:
+    """Per registry entry of a YAML file (Ferry extensions to skopeo's format)."""
+
+    exclude: list[re.Pattern[str]] = field(default_factory=list)
+    platforms: tuple[Platform, ...] = ()
+    keep_latest: int = 0
+    keep_latest_by: str = "semver"
+
+
+@dataclass
+class SyncRequest:
+    source_kind: str  # docker | yaml | dir | oci
+    source: str
+    dest_kind: str  # docker | dir | oci
+    destination: str
+    options: CopyOptions
+    scoped: bool = False
+    append_suffix: str = ""
+    remove_signatures: bool = False
+
+
+@dataclass
+class CheckResult:
+    changed: list[SyncItem] = field(default_factory=list)
+    unchanged: list[tuple[SyncItem, str]] = field(default_factory=list)
+    failed: list[tuple[SyncItem, str]] = field(default_factory=list)
+    #: source digest seen for each changed item, to remember what it became at the destination
+    source_digests: dict[str, str] = field(default_factory=dict)
+
+
+# -- naming ------------------------------------------------------------------------------------------------------
+
+
+def destination_for(suffix: str, req: SyncRequest) -> ImageName:
+    """skopeo's rule: DESTINATION joined with the source's path (its last element unless --scoped) + suffix."""
+    if not req.scoped:
+        suffix = posixpath.basename(suffix)
+    if req.dest_kind == "docker":
+        joined = posixpath.join(req.destination, suffix) + req.append_suffix
+        try:
+            return ImageName("docker", joined, Reference.parse(joined))
+        except InvalidReference as exc:
+            raise InvalidInput(f"cannot name the destination for {suffix!r}: {exc}") from None
+    if req.dest_kind == "dir":
+        return ImageName("dir", os.path.join(req.destination, suffix) + req.append_suffix)
+    if req.dest_kind == "oci":
+        ref = suffix + req.append_suffix
+        return ImageName("oci", f"{req.destination}:{ref}")
+    raise InvalidInput(f"{req.dest_kind!r} is not a valid destination transport (docker, dir, oci)")
+
+
+def _docker_suffix(ref: Reference) -> str:
+    return str(ref)
+
+
+# -- discovery ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Discovery:
+    items: list[SyncItem] = field(default_factory=list)
+    #: source registry -> side (TLS, credentials) from the YAML file
+    sides: dict[str, SideConfig] = field(default_factory=dict)
+    #: destination repository -> every tag its source repository has now (for --delete)
+    source_tags: dict[str, set[str]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def discover(ctx: EngineContext, req: SyncRequest) -> Discovery:
+    out = Discovery()
+    if req.source_kind == "docker":
+        ref = Reference.parse(req.source, default_tag=False)
+        _discover_repo(ctx, req, out, ref, tags=None if ref.tag is None and ref.digest is None else [])
+        if not out.items:
+            raise InvalidInput(f"no images to sync found in {req.source!r}")
+    elif req.source_kind == "yaml":
+        _discover_yaml(ctx, req, out)
+    elif req.source_kind == "dir":
+        _discover_dir(req, out)
+    elif req.source_kind == "oci":
+        _discover_oci(req, out)
+    else:
+        raise InvalidInput(f"{req.source_kind!r} is not a valid source transport (docker, yaml, dir, oci)")
+    if req.source_kind == req.dest_kind == "dir":
+        raise InvalidInput("sync from 'dir' to 'dir' is not supported: use rsync")
+    return out
+
+
+def _list_tags(ctx: EngineContext, ref: Reference) -> list[str]:
+    src = ctx.source(f"docker://{ref.with_tag('latest')}")
+    return src.list_tags()
+
+
+def _discover_repo(
+    ctx: EngineContext,
+    req: SyncRequest,
+    out: Discovery,
+    ref: Reference,
+    *,
+    tags: list[str] | None,
+    tag_filter: Callable[[str], bool] | None = None,
+    rules: EntryRules | None = None,
+    options: CopyOptions | None = None,
+) -> None:
+    """Add a repository's images: named tags/digests, or (``tags is None``) every tag passing the filter."""
+    rules = rules or EntryRules()
+    if tags == []:  # a tagged or digested reference: just that image
+        out.items.append(SyncItem(_src(ref), destination_for(_docker_suffix(ref), req), options=options))
+        return
+    all_tags = _list_tags(ctx, ref)
+    dest_repo = destination_for(_docker_suffix(ref.with_tag("x")), req)
+    if dest_repo.reference is not None:
+        out.source_tags.setdefault(dest_repo.reference.name, set()).update(all_tags)
+    if tags:
+        wanted = []
+        for t in tags:
+            try:
+                wanted.append(ref.with_digest(Digest.parse(t)) if t.startswith("sha") and ":" in t else ref.with_tag(t))
+            except FerryError:
+                wanted.append(ref.with_tag(t))
+    else:
+        selected = [t for t in all_tags if not _is_signature_tag(t)]
+        if tag_filter is not None:
+            selected = [t for t in selected if tag_filter(t)]
+        selected = [t for t in selected if not any(p.search(t) for p in rules.exclude)]
+        if rules.keep_latest:
+            selected = _keep_latest(ctx, ref, selected, rules)
+        wanted = [ref.with_tag(t) for t in selected]
+    for r in wanted:
+        if r.tag is not None and any(p.search(r.tag) for p in rules.exclude):
+            continue
+        out.items.append(SyncItem(_src(r), destination_for(_docker_suffix(r), req), options=options))
+
+
+def _src(ref: Reference) -> ImageName:
+    return ImageName("docker", str(ref), ref)
+
+
+def _is_signature_tag(tag: str) -> bool:
+    return bool(re.fullmatch(r"sha256-[0-9a-f]{64}(\.(sig|att|sbom))?", tag))
+
+
+def _keep_latest(ctx: EngineContext, ref: Reference, tags: list[str], rules: EntryRules) -> list[str]:
+    n = rules.keep_latest
+    if rules.keep_latest_by == "semver":
+        versioned = [(v, t) for t in tags if (v := Version.parse(t)) is not None]
+        versioned.sort(key=lambda vt: vt[0]._key(), reverse=True)
+        return [t for _, t in versioned[:n]]
+    if rules.keep_latest_by == "created":
+        from .inspect import host_platform, inspect_image
+
+        src = ctx.source(f"docker://{ref.with_tag('latest')}")
+        dated: list[tuple[str, str]] = []
+        for t in tags:
+            tagged = ctx.source(f"docker://{ref.with_tag(t)}")
+            info = inspect_image(tagged, name=None, tags=[], wanted=host_platform())
+            dated.append((str(info.get("Created") or ""), t))
+        del src
+        dated.sort(reverse=True)
+        return [t for _, t in dated[:n]]
+    raise InvalidInput(f"keep-latest-by must be 'semver' or 'created', not {rules.keep_latest_by!r}")
+
+
+def _yaml_bool(value: Any, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise InvalidInput(f"{what} must be true or false")
+
+
+def _discover_yaml(ctx: EngineContext, req: SyncRequest, out: Discovery) -> None:
+    try:
+        with open(req.source) as f:
+            cfg = yaml.safe_load(f)
+    except OSError as exc:
+        raise InvalidInput(f"cannot read sync file {req.source}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise InvalidInput(f"cannot parse sync file {req.source}: {' '.join(str(exc).split())}") from None
+    if cfg is None:
+        cfg = {}
+    if not isinstance(cfg, dict):
+        raise InvalidInput(f"sync file {req.source}: expected a mapping of registries")
+    base_side = ctx.source_side
+    for registry, entry in cfg.items():
+        entry = entry or {}
+        if not isinstance(entry, dict):
+            raise InvalidInput(f"sync file {req.source}: entry {registry!r} must be a mapping")
+        side = replace(base_side)
+        if "tls-verify" in entry:
+            side.tls_verify = _yaml_bool(entry["tls-verify"], f"{registry}: tls-verify")
+        if entry.get("cert-dir"):
+            side.cert_dir = str(entry["cert-dir"])
+        creds = entry.get("credentials")
+        if isinstance(creds, dict) and (creds.get("username") or creds.get("password")):
+            side.credentials = Credentials(
+                username=str(creds.get("username", "")), password=str(creds.get("password", ""))
+            )
+        host = Reference.parse(f"{registry}/x").registry
+        out.sides[host] = side
+        ctx.source_sides[host] = side
+        rules = _rules(entry, registry)
+        options = replace(req.options, platforms=rules.platforms) if rules.platforms else None
+        try:
+            for repo, refs in (entry.get("images") or {}).items():
+                ref = Reference.parse(f"{registry}/{repo}", default_tag=False)
+                _discover_repo(ctx, req, out, ref, tags=list(refs or []) or None, rules=rules, options=options)
+            for repo, pattern in (entry.get("images-by-tag-regex") or {}).items():
+                ref = Reference.parse(f"{registry}/{repo}", default_tag=False)
+                _discover_repo(
+                    ctx, req, out, ref, tags=None, tag_filter=_regex_filter(_regex(pattern, registry, repo)),
+                    rules=rules, options=options,
+                )  # fmt: skip
+            for repo, constraint in (entry.get("images-by-semver") or {}).items():
+                ref = Reference.parse(f"{registry}/{repo}", default_tag=False)
+                _discover_repo(
+                    ctx, req, out, ref, tags=None, tag_filter=_semver_filter(Constraint(str(constraint))),
+                    rules=rules, options=options,
+                )  # fmt: skip
+            catalog = entry.get("catalog")
+            if catalog is not None:
+                _discover_catalog(ctx, req, out, registry, catalog, rules, options)
+        except InvalidReference as exc:
+            raise InvalidInput(f"sync file {req.source}: {exc}") from None
+        if not any(entry.get(k) for k in ("images", "images-by-tag-regex", "images-by-semver")) and catalog is None:
+            out.warnings.append(f"no images specified for registry {registry}")
+
+
+def _regex_filter(rx: re.Pattern[str]) -> Callable[[str], bool]:
+    return lambda tag: bool(rx.search(tag))
+
+
+def _semver_filter(c: Constraint) -> Callable[[str], bool]:
+    def check(tag: str) -> bool:
+        v = Version.parse(tag)
+        return v is not None and c.check(v)
+
+    return check
+
+
+def _regex(pattern: Any, registry: str, repo: str) -> re.Pattern[str]:
+    try:
+        return re.compile(str(pattern))
+    except re.error as exc:
+        raise InvalidInput(f"invalid tag regex for {registry}/{repo}: {exc}") from None
+
+
+def _rules(entry: dict[str, Any], registry: str) -> EntryRules:
+    rules = EntryRules()
+    excludes = entry.get("exclude-tags") or []
+    if isinstance(excludes, str):
+        excludes = [excludes]
+    rules.exclude = [_regex(p, registry, "*") for p in excludes]
+    rules.platforms = tuple(Platform.parse(str(p)) for p in entry.get("platforms") or [])
+    keep = entry.get("keep-latest")
+    if keep is not None:
+        if not isinstance(keep, int) or keep < 1:
+            raise InvalidInput(f"{registry}: keep-latest must be a positive number")
+        rules.keep_latest = keep
+    rules.keep_latest_by = str(entry.get("keep-latest-by") or "semver")
+    if rules.keep_latest_by not in ("semver", "created"):
+        raise InvalidInput(f"{registry}: keep-latest-by must be 'semver' or 'created'")
+    return rules
+
+
+def _discover_catalog(
+    ctx: EngineContext,
+    req: SyncRequest,
+    out: Discovery,
+    registry: str,
+    catalog: Any,
+    rules: EntryRules,
+    options: CopyOptions | None,
+) -> None:
+    """A whole registry (``catalog: {}``) or a namespace (``catalog: {prefix: team/}``) via ``_catalog``."""
+    spec = catalog if isinstance(catalog, dict) else {"prefix": str(catalog or "")}
+    prefix = str(spec.get("prefix") or "")
+    tag_rx = _regex(spec["tags"], registry, "*") if spec.get("tags") else None
+    host = Reference.parse(f"{registry}/x").registry
+    client = ctx.pool.client(Reference.parse(f"{registry}/x"), ctx.source_sides.get(host, ctx.source_side))
+    for repo in client.catalog():
+        if prefix and not repo.startswith(prefix):
+            continue
+        ref = Reference.parse(f"{registry}/{repo}", default_tag=False)
+        flt = _regex_filter(tag_rx) if tag_rx is not None else None
+        _discover_repo(ctx, req, out, ref, tags=None, tag_filter=flt, rules=rules, options=options)
+
+
+def _discover_dir(req: SyncRequest, out: Discovery) -> None:
+    base = req.source
+    if not os.path.isdir(base):
+        raise InvalidInput(f"invalid source directory {base!r}")
+    for root, dirs, files in os.walk(base):
+        if "manifest.json" in files:
+            rel = os.path.relpath(root, base)
+            suffix = os.path.basename(os.path.abspath(base)) if rel == "." else rel
+            out.items.append(SyncItem(ImageName("dir", root), destination_for(suffix, req)))
+            dirs[:] = []
+    if not out.items:
+        raise InvalidInput(f"no images to sync found in {base!r}")
+
+
+def _discover_oci(req: SyncRequest, out: Discovery) -> None:
+    index_path = Path(req.source) / "index.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(f"cannot read OCI layout {req.source}: {exc}") from None
+    for m in index.get("manifests") or []:
+        name = (m.get("annotations") or {}).get("org.opencontainers.image.ref.name")
+        if name:
+            out.items.append(SyncItem(ImageName("oci", f"{req.source}:{name}"), destination_for(name, req)))
+    if not out.items:
+        raise InvalidInput(f"no named images to sync found in OCI layout {req.source!r}")
+
+
+# -- checking: HEAD, HEAD, compare ---------------------------------------------------------------------------
+
+
+def check(
+    ctx: EngineContext,
+    items: Sequence[SyncItem],
+    req: SyncRequest,
+    memo: Any,
+    *,
+    parallel: int = 8,
+) -> CheckResult:
+    """Split items into changed and unchanged using HEAD requests only (plus signature discovery)."""
+    result = CheckResult()
+    tag_cache: dict[str, list[str]] = {}
+
+    def one(item: SyncItem) -> tuple[SyncItem, str | None, str | None, list[SyncItem]]:
+        src = ctx.source(str(item.source))
+        src_desc = src.head_manifest(None)
+        if src_desc is None:
+            raise NotFound(f"{item.source}: manifest unknown", status=404)
+        dest = ctx.destination(str(item.destination))
+        try:
+            dest_desc = dest.head_manifest(None)
+        except NotFound:
+            dest_desc = None
+        extras = [] if req.remove_signatures or item.extra else _extras(ctx, item, src_desc, req, tag_cache)
+        src_digest = str(src_desc.digest)
+        opts_key = _options_key(item.options or req.options)
+        expected = {src_digest}
+        remembered = memo.memo_get(str(item.source), src_digest, opts_key) if memo is not None else None
+        if remembered:
+            expected.add(remembered)
+        if dest_desc is not None and str(dest_desc.digest) in expected:
+            return item, src_digest, str(dest_desc.digest), extras
+        return item, src_digest, None, extras
+
+    with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="ferry-check") as pool:
+        pending = list(items)
+        seen: set[str] = set()
+        while pending:
+            batch, pending = pending, []
+            futures = [(it, pool.submit(one, it)) for it in batch if str(it.destination) not in seen]
+            for it, fut in futures:
+                seen.add(str(it.destination))
+                try:
+                    item, src_digest, up_to_date, extras = fut.result()
+                except FerryError as exc:
+                    result.failed.append((it, describe_error(exc)))
+                    continue
+                if up_to_date is not None:
+                    result.unchanged.append((item, up_to_date))
+                else:
+                    result.changed.append(item)
+                    if src_digest:
+                        result.source_digests[str(item.source)] = src_digest
+                pending.extend(e for e in extras if str(e.destination) not in seen)
+    return result
+
+
+def _options_key(options: CopyOptions) -> str:
+    return json.dumps(
+        {
+            "multi": options.multi_arch,
+            "platforms": [str(p) for p in options.platforms],
+            "system": str(options.system_platform),
+            "format": options.format,
+        },
+        sort_keys=True,
+    )
+
+
+def _extras(
+    ctx: EngineContext, item: SyncItem, desc: Descriptor, req: SyncRequest, tag_cache: dict[str, list[str]]
+) -> list[SyncItem]:
+    """Signature, attestation and SBOM tags and OCI referrers of this image, when the digest is kept."""
+    ref = item.source.reference
+    dest_ref = item.destination.reference
+    if ref is None or dest_ref is None:
+        return []
+    options = item.options or req.options
+    single = desc.media_type not in (
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+    )
+    if options.format is not None or not (single or options.multi_arch == "all"):
+        return []  # digests change at the destination: signatures for the old digest would not apply
+    key = ref.name
+    if key not in tag_cache:
+        try:
+            tag_cache[key] = ctx.source(str(item.source)).list_tags()
+        except FerryError:
+            tag_cache[key] = []
+    tags = set(tag_cache[key])
+    base = f"{desc.digest.algorithm}-{desc.digest.hex}"
+    extra_opts = replace(options, multi_arch="all", platforms=(), format=None)
+    out = []
+    for tag in [base + s for s in SIGNATURE_SUFFIXES] + [base]:
+        if tag in tags:
+            out.append(
+                SyncItem(_src(ref.with_tag(tag)), _named(dest_ref.with_tag(tag)), extra=True, options=extra_opts)
+            )
+    client = ctx.pool.client(ref, ctx.source_sides.get(ref.registry, ctx.source_side))
+    try:
+        referrers = client.referrers(ref.repository, desc.digest)
+    except FerryError:
+        referrers = None
+    for r in referrers or []:
+        out.append(
+            SyncItem(
+                _src(Reference(ref.registry, ref.repository, None, r.digest)),
+                _named(Reference(dest_ref.registry, dest_ref.repository, None, r.digest)),
+                extra=True,
+                options=extra_opts,
+            )
+        )
+    return out
+
+
+def _named(ref: Reference) -> ImageName:
+    return ImageName("docker", str(ref), ref)
+
+
+# -- resolving what changed -------------------------------------------------------------------------------------
+
+
+def resolve_changed(
+    ctx: EngineContext, items: Sequence[SyncItem], req: SyncRequest, *, parallel: int = 8
+) -> tuple[list[ResolvedImage], list[tuple[SyncItem, str]]]:
+    def one(item: SyncItem) -> ResolvedImage:
+        src = ctx.source(str(item.source))
+        dest = ctx.destination(str(item.destination))
+        return resolve_image(item.source, src, item.destination, dest, item.options or req.options)
+
+    resolved: list[ResolvedImage] = []
+    failed: list[tuple[SyncItem, str]] = []
+    with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="ferry-resolve") as pool:
+        futures = [(it, pool.submit(one, it)) for it in items]
+        for it, fut in futures:
+            try:
+                resolved.append(fut.result())
+            except FerryError as exc:
+                failed.append((it, describe_error(exc)))
+    return resolved, failed
+
+
+# -- deleting what the source no longer has ------------------------------------------------------------------
+
+
+@dataclass
+class Deletion:
+    destination: str
+    digest: str
+    kept_because: str = ""
+
+
+def plan_deletions(ctx: EngineContext, disc: Discovery, items: Sequence[SyncItem]) -> list[Deletion]:
+    """Destination tags the source no longer has, in repositories this sync manages.
+
+    A registry deletes manifests by digest, which removes every tag on it: a stale
+    tag sharing its digest with a kept tag is reported and kept.
+    """
+    managed: dict[str, Reference] = {}
+    for it in items:
+        if it.destination.reference is not None and not it.extra:
+            managed.setdefault(it.destination.reference.name, it.destination.reference)
+    out: list[Deletion] = []
+    for name, ref in managed.items():
+        source_tags = disc.source_tags.get(name)
+        if source_tags is None:
+            continue  # the source named single images: nothing says which tags are gone
+        dest = ctx.destination(f"docker://{ref.with_tag('latest')}")
+        try:
+            dest_tags = dest.client.list_tags(ref.repository)  # type: ignore[attr-defined]
+        except NotFound:
+            continue
+        stale = [t for t in dest_tags if t not in source_tags and not _is_signature_tag(t)]
+        if not stale:
+            continue
+        digests: dict[str, str] = {}
+        for t in dest_tags:
+            d = dest.client.head_manifest(ref.repository, t)  # type: ignore[attr-defined]
+            if d is not None:
+                digests[t] = str(d.digest)
+        for t in stale:
+            sharing = [k for k, v in digests.items() if v == digests.get(t) and k not in stale]
+            out.append(Deletion(str(ref.with_tag(t)), digests.get(t, ""), ", ".join(sharing)))
+    return out
+
+
+def apply_deletions(ctx: EngineContext, deletions: Sequence[Deletion]) -> list[str]:
+    done = []
+    for d in deletions:
+        if d.kept_because or not d.digest:
+            continue
+        ref = Reference.parse(d.destination)
+        dest = ctx.destination(f"docker://{ref}")
+        dest.client.delete_manifest(ref.repository, Digest.parse(d.digest))  # type: ignore[attr-defined]
+        done.append(d.destination)
+    return done
