@@ -443,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# ferry copy benchmark: sizes {', '.join(human_size(s) for s in sizes)}; {args.runs} runs; work {work}")
     print("# machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()), flush=True)
 
+    load_start = os.getloadavg()
     cases = {(t, s): Case(t, s) for s in sizes for t in tools}
     baselines: dict[str, Measurement] = {}
     seeding: dict[int, float] = {}
@@ -489,12 +490,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
 
+    load_end = os.getloadavg()
     done = [c for c in cases.values() if c.runs]
     table = render_table(done, baselines)
     growth = rss_growth(done)
     print()
     print(table)
-    print()
+    print(f"\nload average (1, 5, 15 min) at start {load_start}, at end {load_end}")
     for tool, g in sorted(growth.items()):
         print(
             f"{tool}: peak RSS {g['rss_smallest_mib']} MiB at {human_size(int(g['smallest_size_bytes']))} -> "
@@ -509,6 +511,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "sizes_bytes": sizes,
         "runs": args.runs,
+        # other work on the machine skews wall times: a load average well above 0 means the numbers are noisy
+        "loadavg_start": [round(x, 2) for x in load_start],
+        "loadavg_end": [round(x, 2) for x in load_end],
         "seeding_s": {str(k): round(v, 2) for k, v in seeding.items()},
         "startup": {t: asdict(m) for t, m in baselines.items()},
         "results": [c.summary() for c in done],

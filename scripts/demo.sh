@@ -23,7 +23,15 @@ http: {addr: 127.0.0.1:$port}
 YAML
   docker-registry serve "$work/$name/config.yml" >"$work/$name/log" 2>&1 &
   pids+=($!)
-  for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/v2/" >/dev/null 2>&1 && break; sleep 0.05; done
+  python3 - "$port" <<'PY'
+import sys, time, urllib.request
+for _ in range(200):
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/v2/", timeout=1)
+        break
+    except Exception:
+        time.sleep(0.05)
+PY
   echo "127.0.0.1:$port"
 }
 

@@ -439,6 +439,23 @@ def test_cross_repo_mount_across_runs_blob_cache(
     assert len(uploads_of(log, shared)) == 1 and mounts_of(log, shared) == []
 
 
+def test_copy_within_one_registry_mounts_everything(
+    registry: RegistryServer, unique_repo: str, tmp_path: Path, cache_dir: Path
+) -> None:
+    img = build_image(f"copy/same-registry/{unique_repo}", layers=[1024, 1024])
+    push_image(registry.url, f"{unique_repo}/from", "1", img)
+    summary_json = tmp_path / "summary.json"
+    mark = registry.log_mark()
+    copy(docker(registry, f"{unique_repo}/from", img.digest), docker(registry, f"{unique_repo}/to", "1"),
+         "--summary-json", str(summary_json), cache=cache_dir)  # fmt: skip
+    s = summary(summary_json)
+    assert (s["blobs_transferred"], s["blobs_mounted"], s["bytes_transferred"]) == (0, 3, 0)
+    log = registry.access_log(since=mark)
+    assert not [e for e in log if e.method in ("PATCH", "PUT") and "/blobs/" in e.path]
+    assert not [e for e in log if e.method == "GET" and "/blobs/" in e.path]
+    assert inspect_raw(docker(registry, f"{unique_repo}/to", "1")) == img.manifest
+
+
 def test_second_copy_only_heads(
     registry: RegistryServer, registry2: RegistryServer, unique_repo: str, tmp_path: Path, cache_dir: Path
 ) -> None:
@@ -502,7 +519,8 @@ def test_corrupt_source_blob_fails_cleanly(
     registry_factory: Any, registry2: RegistryServer, unique_repo: str, cache_dir: Path
 ) -> None:
     src_reg: RegistryServer = registry_factory()
-    img = build_image(f"copy/corrupt/{unique_repo}", layers=[8192, 1024])
+    # above the client's one-PUT limit: the layer streams up in PATCHes before the mismatch shows at its end
+    img = build_image(f"copy/corrupt/{unique_repo}", layers=[5 << 20, 1024])
     push_image(src_reg.url, unique_repo, "1", img)
     layer = img.layers[0].digest
     actual = corrupt_blob(src_reg, layer)

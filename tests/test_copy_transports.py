@@ -96,13 +96,7 @@ def source(registry: RegistryServer, unique_repo: str, request: pytest.FixtureRe
 
 
 @pytest.mark.parametrize("transport", list(LOCAL))
-def test_ferry_writes_skopeo_reads(
-    transport: str,
-    source: tuple[str, Image],
-    registry2: RegistryServer,
-    unique_repo: str,
-    tmp_path: Path,
-) -> None:
+def test_ferry_writes_skopeo_reads(transport: str, source: tuple[str, Image], tmp_path: Path) -> None:
     src, img = source
     name = local_name(transport, local_path(transport, tmp_path, "ferry-out"))
     ferry_copy(src, name, tmp_path=tmp_path)
@@ -118,16 +112,7 @@ def test_ferry_writes_skopeo_reads(
     assert info["Architecture"] == "amd64" and info["Os"] == "linux"
     index = skopeo_verify(name, tmp_path)
     assert index["manifests"][0]["mediaType"] == MediaType.OCI_MANIFEST
-
-    # and Ferry reads back what it wrote, into a registry
-    dest = f"docker://{registry2.host}/{unique_repo}:back"
-    ferry_copy(name, dest, tmp_path=tmp_path)
-    back = inspect_raw(dest)
-    if transport in KEEPS_MANIFEST:
-        assert back == img.manifest
-    else:
-        assert config_digest(back) == str(img.config_digest)
-    skopeo_verify(dest, tmp_path)
+    # (Ferry reading what Ferry wrote: test_local_to_local)
 
 
 def test_ferry_writes_oci_layout_converts_v2s2(registry: RegistryServer, unique_repo: str, tmp_path: Path) -> None:
@@ -240,12 +225,19 @@ def test_docker_transport_both_ways_with_skopeo(
 
 
 def test_local_to_local(registry: RegistryServer, unique_repo: str, tmp_path: Path) -> None:
-    """No registry in the copy: oci: -> dir: -> oci-archive: -> docker-archive:, skopeo reading each."""
+    """No registry in the copy: oci: -> dir: -> oci-archive: -> docker-archive: -> oci:, Ferry reading what it
+    wrote at each hop and skopeo reading each result."""
     img = build_image(f"transports/local/{unique_repo}", layers=[1200, 800])
     push_image(registry.url, unique_repo, "1", img)
     first = f"oci:{tmp_path / 'a'}:img"
     skopeo("copy", "--src-tls-verify=false", f"docker://{registry.host}/{unique_repo}:1", first)
-    chain = [first, f"dir:{tmp_path / 'b'}", f"oci-archive:{tmp_path / 'c.tar'}:img", f"docker-archive:{tmp_path / 'd.tar'}"]
+    chain = [
+        first,
+        f"dir:{tmp_path / 'b'}",
+        f"oci-archive:{tmp_path / 'c.tar'}:img",
+        f"docker-archive:{tmp_path / 'd.tar'}",
+        f"oci:{tmp_path / 'e'}:img",
+    ]
     for src, dst in zip(chain, chain[1:], strict=False):
         ferry_copy(src, dst, tmp_path=tmp_path)
     for name in chain[:3]:
@@ -253,4 +245,8 @@ def test_local_to_local(registry: RegistryServer, unique_repo: str, tmp_path: Pa
     with tarfile.open(tmp_path / "d.tar") as tar:
         manifest = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
     assert manifest[0]["Config"].removesuffix(".json").split("/")[-1] == img.config_digest.hex
+    last = json.loads(inspect_raw(chain[-1]))
+    assert last["mediaType"] == MediaType.OCI_MANIFEST and last["config"]["digest"] == str(img.config_digest)
+    # out of the archive the layers are the plain tars
+    assert [ly["digest"] for ly in last["layers"]] == [str(ly.diff_id) for ly in img.layers]
     skopeo_verify(chain[-1], tmp_path)
