@@ -27,7 +27,6 @@ import pytest
 
 from tests.harness.images import (
     Image,
-    Index,
     build_image,
     build_multiarch,
     fetch_manifest,
@@ -60,9 +59,7 @@ def cache_dir(tmp_path: Path) -> Path:
     return d
 
 
-def ferry(
-    *args: str, cache: Path, timeout: float = 60, check: bool | None = True
-) -> subprocess.CompletedProcess[str]:
+def ferry(*args: str, cache: Path, timeout: float = 60, check: bool | None = True) -> subprocess.CompletedProcess[str]:
     """Run ``ferry ARGS`` with a private blob cache; ``check=True`` wants exit 0, ``False`` non-zero."""
     env = {**os.environ, "FERRY_CACHE_DIR": str(cache)}
     proc = subprocess.run(
@@ -118,7 +115,9 @@ def uploads_of(log: list[AccessLogEntry], digest: Digest | str) -> list[AccessLo
 
 
 def mounts_of(log: list[AccessLogEntry], digest: Digest | str) -> list[AccessLogEntry]:
-    return [e for e in log if e.method == "POST" and "/blobs/uploads/" in e.path and f"mount={digest}" in unquote(e.query)]
+    return [
+        e for e in log if e.method == "POST" and "/blobs/uploads/" in e.path and f"mount={digest}" in unquote(e.query)
+    ]
 
 
 def unquote(query: str) -> str:
@@ -224,8 +223,13 @@ def test_copy_all_preserve_digests(
 ) -> None:
     idx = build_multiarch(f"copy/preserve/{unique_repo}", platforms=("linux/amd64", "linux/arm64"), fmt="v2s2")
     push_index(registry.url, unique_repo, "p", idx)
-    copy(docker(registry, unique_repo, "p"), docker(registry2, unique_repo, "p"), "--all", "--preserve-digests",
-         cache=cache_dir)  # fmt: skip
+    copy(
+        docker(registry, unique_repo, "p"),
+        docker(registry2, unique_repo, "p"),
+        "--all",
+        "--preserve-digests",
+        cache=cache_dir,
+    )
     assert head_manifest(registry2, unique_repo, "p").headers["docker-content-digest"] == str(idx.digest)
     assert inspect_raw(docker(registry2, unique_repo, "p")) == idx.manifest
 
@@ -336,8 +340,14 @@ def test_copy_index_format_conversion(
 ) -> None:
     idx = build_multiarch(f"copy/convert-idx/{unique_repo}", platforms=("linux/amd64", "linux/arm64"))
     push_index(registry.url, unique_repo, "oci", idx)
-    copy(docker(registry, unique_repo, "oci"), docker(registry2, unique_repo, "v2"), "--all", "--format", "v2s2",
-         cache=cache_dir)  # fmt: skip
+    copy(
+        docker(registry, unique_repo, "oci"),
+        docker(registry2, unique_repo, "v2"),
+        "--all",
+        "--format",
+        "v2s2",
+        cache=cache_dir,
+    )
     dest = docker(registry2, unique_repo, "v2")
     top = json.loads(inspect_raw(dest))
     assert top["mediaType"] == MediaType.DOCKER_MANIFEST_LIST
@@ -365,9 +375,11 @@ def test_cross_repo_mount_in_one_plan(registry: RegistryServer, registry2: Regis
     push_image(registry.url, f"{unique_repo}/src-b", "1", b)
     repo_a, repo_b = f"{unique_repo}/a", f"{unique_repo}/b"
     jobs = [
-        CopyJob(ImageName.parse(docker(registry, f"{unique_repo}/src-a", "1")), ImageName.parse(docker(registry2, repo_a, "1"))),
-        CopyJob(ImageName.parse(docker(registry, f"{unique_repo}/src-b", "1")), ImageName.parse(docker(registry2, repo_b, "1"))),
-    ]  # fmt: skip
+        CopyJob(
+            ImageName.parse(docker(registry, f"{unique_repo}/src-{x}", "1")), ImageName.parse(docker(registry2, r, "1"))
+        )
+        for x, r in (("a", repo_a), ("b", repo_b))
+    ]
     ctx = EngineContext(
         source_side=SideConfig(tls_verify=False),
         dest_side=SideConfig(tls_verify=False),
@@ -446,8 +458,13 @@ def test_copy_within_one_registry_mounts_everything(
     push_image(registry.url, f"{unique_repo}/from", "1", img)
     summary_json = tmp_path / "summary.json"
     mark = registry.log_mark()
-    copy(docker(registry, f"{unique_repo}/from", img.digest), docker(registry, f"{unique_repo}/to", "1"),
-         "--summary-json", str(summary_json), cache=cache_dir)  # fmt: skip
+    copy(
+        docker(registry, f"{unique_repo}/from", img.digest),
+        docker(registry, f"{unique_repo}/to", "1"),
+        "--summary-json",
+        str(summary_json),
+        cache=cache_dir,
+    )
     s = summary(summary_json)
     assert (s["blobs_transferred"], s["blobs_mounted"], s["bytes_transferred"]) == (0, 3, 0)
     log = registry.access_log(since=mark)
@@ -466,8 +483,9 @@ def test_second_copy_only_heads(
 
     mark = registry2.log_mark()
     summary_json, digestfile = tmp_path / "summary.json", tmp_path / "digest"
-    proc = copy(src, dst, "--all", "--summary-json", str(summary_json), "--digestfile", str(digestfile),
-                cache=cache_dir)  # fmt: skip
+    proc = copy(
+        src, dst, "--all", "--summary-json", str(summary_json), "--digestfile", str(digestfile), cache=cache_dir
+    )
     log = registry2.access_log(since=mark)
     assert log, "the destination was not even checked"
     assert {e.method for e in log if e.path != "/v2/"} == {"HEAD"}
@@ -488,8 +506,13 @@ def test_shared_blobs_in_same_repo_are_skipped(
     copy(docker(registry, unique_repo, "a"), docker(registry2, unique_repo, "a"), "-q", cache=cache_dir)
     summary_json = tmp_path / "summary.json"
     mark = registry2.log_mark()
-    copy(docker(registry, unique_repo, "b"), docker(registry2, unique_repo, "b"), "--summary-json", str(summary_json),
-         cache=cache_dir)  # fmt: skip
+    copy(
+        docker(registry, unique_repo, "b"),
+        docker(registry2, unique_repo, "b"),
+        "--summary-json",
+        str(summary_json),
+        cache=cache_dir,
+    )
     s = summary(summary_json)
     assert (s["blobs_transferred"], s["blobs_mounted"], s["blobs_skipped"]) == (2, 0, 1)
     log = registry2.access_log(since=mark)
@@ -567,8 +590,9 @@ def test_missing_source_image(
     old = build_image(f"copy/missing-old/{unique_repo}")
     push_image(registry2.url, unique_repo, "1", old)
     mark = registry2.log_mark()
-    proc = copy(docker(registry, unique_repo, "nope"), docker(registry2, unique_repo, "1"), cache=cache_dir,
-                check=False)  # fmt: skip
+    proc = copy(
+        docker(registry, unique_repo, "nope"), docker(registry2, unique_repo, "1"), cache=cache_dir, check=False
+    )
     assert proc.returncode == 1
     (line,) = error_lines(proc)
     assert unique_repo in line and ("not found" in line.lower() or "unknown" in line.lower())
@@ -600,7 +624,9 @@ def test_unwritable_destination_registry(
         dest.stop()
 
 
-def test_unwritable_destination_path(registry: RegistryServer, unique_repo: str, tmp_path: Path, cache_dir: Path) -> None:
+def test_unwritable_destination_path(
+    registry: RegistryServer, unique_repo: str, tmp_path: Path, cache_dir: Path
+) -> None:
     img = build_image(f"copy/unwritable/{unique_repo}")
     push_image(registry.url, unique_repo, "1", img)
     blocker = tmp_path / "a-file"
@@ -647,7 +673,7 @@ def test_ctrl_c_stops_copy_without_tag(
         assert proc.poll() is None, "the copy ended before it could be interrupted"
         started = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
+        _out, err = proc.communicate(timeout=30)
         stopped_in = time.monotonic() - started
     finally:
         if proc.poll() is None:

@@ -12,6 +12,7 @@ Each CLI run gets a private ``FERRY_CACHE_DIR``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -193,7 +194,9 @@ def test_skopeo_writes_ferry_reads(
 def test_skopeo_writes_multiarch_ferry_reads(
     transport: str, registry: RegistryServer, registry2: RegistryServer, unique_repo: str, tmp_path: Path
 ) -> None:
-    idx = build_multiarch(f"transports/skopeo-multi/{transport}/{unique_repo}", platforms=("linux/amd64", "linux/arm64"))
+    idx = build_multiarch(
+        f"transports/skopeo-multi/{transport}/{unique_repo}", platforms=("linux/amd64", "linux/arm64")
+    )
     push_index(registry.url, unique_repo, "m", idx)
     name = local_name(transport, local_path(transport, tmp_path, "multi"))
     skopeo("copy", "--src-tls-verify=false", "--all", f"docker://{registry.host}/{unique_repo}:m", name)
@@ -238,7 +241,7 @@ def test_local_to_local(registry: RegistryServer, unique_repo: str, tmp_path: Pa
         f"docker-archive:{tmp_path / 'd.tar'}",
         f"oci:{tmp_path / 'e'}:img",
     ]
-    for src, dst in zip(chain, chain[1:], strict=False):
+    for src, dst in itertools.pairwise(chain):
         ferry_copy(src, dst, tmp_path=tmp_path)
     for name in chain[:3]:
         assert inspect_raw(name) == img.manifest

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import pytest
@@ -424,7 +424,9 @@ def test_resolve_image_platform_selection_without_network() -> None:
 
 def test_index_into_single_image_destination_is_refused() -> None:
     idx = build_multiarch("plan/dir-index")
-    info = DestinationInfo.of(ImageName.parse("docker-archive:/tmp/nowhere.tar"), DockerArchiveDestination("/tmp/nowhere.tar"))
+    info = DestinationInfo.of(
+        ImageName.parse("docker-archive:/tmp/nowhere.tar"), DockerArchiveDestination("/tmp/nowhere.tar")
+    )
     with pytest.raises(InvalidInput, match="single image"):
         plan_copy([resolved(idx, "docker-archive:/tmp/nowhere.tar", info=info)], CopyOptions(multi_arch="all"))
 

@@ -167,9 +167,7 @@ def copy_blob(
                             result = transfer_blob(ctx, step)
             finally:
                 state.release_lock(store, digest, token)
-        state.update_blob(
-            job_id, step_id, status="done", action=result.action, bytes=result.bytes, worker=worker
-        )
+        state.update_blob(job_id, step_id, status="done", action=result.action, bytes=result.bytes, worker=worker)
         return {"digest": digest, "action": result.action, "bytes": result.bytes}
     except Retry:
         raise

@@ -117,19 +117,11 @@ class EngineContext:
         for t in items:
             try:
                 t.close()
-            except Exception:
+            except Exception:  # closing must not hide the real outcome
                 log.debug("closing %s failed", t, exc_info=True)
 
     def close(self) -> None:
-        with self._lock:
-            items = list(self._sources.values()) + list(self._dests.values())
-            self._sources.clear()
-            self._dests.clear()
-        for t in items:
-            try:
-                t.close()
-            except Exception:  # closing must not hide the real outcome
-                log.debug("closing %s failed", t, exc_info=True)
+        self.close_transports()
         self.pool.close()
 
 

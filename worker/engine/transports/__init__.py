@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 from worker.registry import (
     ClientOptions,
@@ -110,64 +111,46 @@ class ClientPool:
             self._clients.clear()
 
 
+def _local(name: ImageName, *, write: bool) -> ImageSource | ImageDestination:
+    """Open a local transport (everything but docker://): which class, and how its details split."""
+    from .dir import DirDestination, DirSource
+    from .docker_archive import DockerArchiveDestination, DockerArchiveSource, parse_docker_archive_spec
+    from .oci_archive import OCIArchiveDestination, OCIArchiveSource
+    from .oci_layout import OCILayoutDestination, OCILayoutSource, parse_oci_spec
+
+    if name.transport == "dir":
+        return DirDestination(name.details) if write else DirSource(name.details)
+    table: dict[str, tuple[Any, type[Any], type[Any]]] = {
+        "oci": (parse_oci_spec, OCILayoutSource, OCILayoutDestination),
+        "oci-archive": (parse_oci_spec, OCIArchiveSource, OCIArchiveDestination),
+        "docker-archive": (parse_docker_archive_spec, DockerArchiveSource, DockerArchiveDestination),
+    }
+    if name.transport not in table:
+        raise InvalidInput(f"unsupported transport {name.transport}")
+    parse, source_cls, dest_cls = table[name.transport]
+    path, ref = parse(name.details)
+    opened: ImageSource | ImageDestination = (dest_cls if write else source_cls)(path, ref)
+    return opened
+
+
 def open_source(name: ImageName, side: SideConfig, pool: ClientPool | None = None) -> ImageSource:
-    if name.transport == "docker":
+    if name.reference is not None:
         from .registry import RegistrySource
 
-        assert name.reference is not None
-        pool = pool or ClientPool()
-        return RegistrySource(name.reference, pool.client(name.reference, side))
-    if name.transport == "oci":
-        from .oci_layout import OCILayoutSource, parse_oci_spec
-
-        path, ref = parse_oci_spec(name.details)
-        return OCILayoutSource(path, ref)
-    if name.transport == "oci-archive":
-        from .oci_archive import OCIArchiveSource
-        from .oci_layout import parse_oci_spec
-
-        path, ref = parse_oci_spec(name.details)
-        return OCIArchiveSource(path, ref)
-    if name.transport == "dir":
-        from .dir import DirSource
-
-        return DirSource(name.details)
-    if name.transport == "docker-archive":
-        from .docker_archive import DockerArchiveSource, parse_docker_archive_spec
-
-        path, ref = parse_docker_archive_spec(name.details)
-        return DockerArchiveSource(path, ref)
-    raise InvalidInput(f"unsupported transport {name.transport}")
+        return RegistrySource(name.reference, (pool or ClientPool()).client(name.reference, side))
+    src = _local(name, write=False)
+    assert isinstance(src, ImageSource)
+    return src
 
 
 def open_destination(name: ImageName, side: SideConfig, pool: ClientPool | None = None) -> ImageDestination:
-    if name.transport == "docker":
+    if name.reference is not None:
         from .registry import RegistryDestination
 
-        assert name.reference is not None
-        pool = pool or ClientPool()
-        return RegistryDestination(name.reference, pool.client(name.reference, side))
-    if name.transport == "oci":
-        from .oci_layout import OCILayoutDestination, parse_oci_spec
-
-        path, ref = parse_oci_spec(name.details)
-        return OCILayoutDestination(path, ref)
-    if name.transport == "oci-archive":
-        from .oci_archive import OCIArchiveDestination
-        from .oci_layout import parse_oci_spec
-
-        path, ref = parse_oci_spec(name.details)
-        return OCIArchiveDestination(path, ref)
-    if name.transport == "dir":
-        from .dir import DirDestination
-
-        return DirDestination(name.details)
-    if name.transport == "docker-archive":
-        from .docker_archive import DockerArchiveDestination, parse_docker_archive_spec
-
-        path, ref = parse_docker_archive_spec(name.details)
-        return DockerArchiveDestination(path, ref)
-    raise InvalidInput(f"unsupported transport {name.transport}")
+        return RegistryDestination(name.reference, (pool or ClientPool()).client(name.reference, side))
+    dest = _local(name, write=True)
+    assert isinstance(dest, ImageDestination)
+    return dest
 
 
 __all__ = [
