@@ -29,10 +29,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"Error: {message} (see '{self.prog} --help')\n")
 
 
-def _platform_overrides(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--override-os", metavar="OS", help="use OS instead of the running OS for choosing images")
-    p.add_argument("--override-arch", metavar="ARCH", help="use ARCH instead of the machine's architecture")
-    p.add_argument("--override-variant", metavar="VARIANT", help="use VARIANT instead of the machine's variant")
+def _platform_overrides(p: argparse.ArgumentParser, *, sub: bool = False) -> None:
+    # on a verb the default is SUPPRESS, so ``ferry --override-arch X inspect`` keeps the global value
+    default = argparse.SUPPRESS if sub else None
+    p.add_argument("--override-os", metavar="OS", default=default, help="use OS instead of the running OS")
+    p.add_argument("--override-arch", metavar="ARCH", default=default, help="use ARCH instead of this machine's")
+    p.add_argument(
+        "--override-variant", metavar="VARIANT", default=default, help="use VARIANT instead of this machine's"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bool(p, "--config", help="print the image's config instead of the summary")
     add_bool(p, "--no-tags", "-n", help="do not list the repository's tags")
     p.add_argument("--format", "-f", metavar="TEMPLATE", help="format the output with a Go template")
-    _platform_overrides(p)
+    _platform_overrides(p, sub=True)
     add_side_flags(p)
     add_retry_flags(p)
     p.add_argument("image", metavar="IMAGE-NAME")

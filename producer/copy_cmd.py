@@ -76,7 +76,21 @@ def add_parsers(sub: Any, verb: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("destination", metavar="DESTINATION-IMAGE")
 
 
+def queue_url(args: argparse.Namespace) -> str | None:
+    """``--queue URL``; without it ``$FERRY_QUEUE``; ``--queue ''`` runs here even when the variable is set."""
+    url: str | None = args.queue if args.queue is not None else os.environ.get("FERRY_QUEUE")
+    if url and (args.src_no_creds or args.dest_no_creds):
+        raise InvalidInput(
+            "--src-no-creds/--dest-no-creds cannot be used with --queue: workers use their own credentials"
+        )
+    return url or None
+
+
 def copy_options(args: argparse.Namespace) -> CopyOptions:
+    if args.sign_by:
+        raise InvalidInput("--sign-by: Ferry does not sign images (copy signatures along, or sign with cosign)")
+    if getattr(args, "tmpdir", None):
+        os.environ["TMPDIR"] = args.tmpdir
     multi: MultiArch = args.multi_arch or ("all" if args.all else "system")
     if args.all and args.multi_arch not in (None, "all"):
         raise InvalidInput("--all and --multi-arch cannot disagree")
@@ -150,7 +164,7 @@ def copy(args: argparse.Namespace) -> int:
     src = ImageName.parse(args.source)
     dest = ImageName.parse(args.destination)
     options = copy_options(args)
-    queue = args.queue or os.environ.get("FERRY_QUEUE")
+    queue = queue_url(args)
     ctx = engine_context(args)
     try:
         plan, _ = build_plan(ctx, [CopyJob(src, dest)], options)

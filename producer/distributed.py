@@ -13,6 +13,7 @@ from typing import Any
 from worker.engine.plan import BlobStep, ImagePlan, Plan
 from worker.registry import InvalidInput
 
+from .options import add_bool
 from .progress import human_bytes
 
 EXIT_INTERRUPTED = 130
@@ -371,15 +372,16 @@ def add_parsers(sub: Any, verb: Callable[..., argparse.ArgumentParser]) -> None:
 
     jp = jverb("status", job_status, "Show a job: per image done / running / failed, bytes and blobs moved")
     jp.add_argument("job", metavar="JOB-ID")
-    jp.add_argument("--json", action="store_true", help="print JSON")
+    add_bool(jp, "--json", help="print JSON")
     jp = jverb("list", job_list, "List recent jobs")
-    jp.add_argument("--json", action="store_true", help="print JSON")
+    add_bool(jp, "--json", help="print JSON")
     jp.add_argument("--limit", type=int, default=50)
     jp = jverb("cancel", job_cancel, "Cancel a job: running transfers stop, no tag is written for unfinished images")
     jp.add_argument("job", metavar="JOB-ID")
     jp = jverb("retry", job_retry, "Re-enqueue the failed images of a job (completed blobs are not moved again)")
     jp.add_argument("job", metavar="JOB-ID")
-    jp.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    # Go-style booleans like every other flag: the CLI rewrites a bare ``--wait`` to ``--wait=true``
+    add_bool(jp, "--wait", help="follow the job until it ends")
     jp = jverb("wait", lambda a: follow(_state(_queue_arg(a)), a.job), "Follow a job until it ends")
     jp.add_argument("job", metavar="JOB-ID")
 

@@ -13,6 +13,33 @@ from worker.registry import InvalidInput
 _ACTION = re.compile(r"{{-?\s*(.*?)\s*-?}}", re.S)
 
 
+class GoStruct(dict[str, Any]):
+    """A dict standing for a Go struct: a field it lacks is a template error, not ``<no value>`` (that is maps)."""
+
+
+class GoTime(str):
+    """An RFC 3339 timestamp that a template prints the way Go prints a ``time.Time``."""
+
+    def __str__(self) -> str:
+        return go_time_string(str.__str__(self))
+
+
+def go_time_string(text: str) -> str:
+    """``2024-01-02T03:04:05.5Z`` -> ``2024-01-02 03:04:05.5 +0000 UTC`` (Go's ``Time.String``)."""
+    m = re.fullmatch(r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}:\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})", text)
+    if m is None:
+        return text
+    out = f"{m[1]} {m[2]}"
+    frac = (m[3] or "")[:9].rstrip("0")
+    if frac:
+        out += "." + frac
+    zone = m[4]
+    if zone in ("Z", "z") or zone[1:] == "00:00":
+        return out + " +0000 UTC"
+    offset = zone.replace(":", "")
+    return f"{out} {offset} {offset}"
+
+
 def go_str(value: Any) -> str:
     if value is None:
         return "<no value>"
@@ -92,6 +119,8 @@ def _field(dot: Any, path: str) -> Any:
             continue
         if isinstance(value, dict) and part in value:
             value = value[part]
+        elif isinstance(value, GoStruct):
+            raise InvalidInput(f"invalid --format template: can't evaluate field {part}")
         elif isinstance(value, dict):
             return None
         else:
@@ -99,7 +128,17 @@ def _field(dot: Any, path: str) -> Any:
     return value
 
 
-def _arg(dot: Any, token: str) -> Any:
+def _variable(token: str, variables: dict[str, Any]) -> Any:
+    name, dot_, rest = token.partition(".")
+    if name not in variables:
+        raise InvalidInput(f"invalid --format template: undefined variable {name}")
+    value = variables[name]
+    return _field(value, "." + rest) if dot_ else value
+
+
+def _arg(dot: Any, token: str, variables: dict[str, Any]) -> Any:
+    if token.startswith("$"):
+        return _variable(token, variables)
     if token.startswith("."):
         return _field(dot, token if token != "." else ".")
     if token.startswith('"') or token.startswith("'") or token.startswith("`"):
@@ -111,10 +150,12 @@ def _arg(dot: Any, token: str) -> Any:
     return token
 
 
-def _call(dot: Any, words: list[str], piped: Any = None, has_pipe: bool = False) -> Any:
-    fn, args = words[0], [_arg(dot, w) for w in words[1:]]
+def _call(dot: Any, words: list[str], variables: dict[str, Any], piped: Any = None, has_pipe: bool = False) -> Any:
+    fn, args = words[0], [_arg(dot, w, variables) for w in words[1:]]
     if has_pipe:
         args.append(piped)
+    if fn.startswith("$") and not args:
+        return _variable(fn, variables)
     if fn.startswith(".") and not args:
         return _field(dot, fn)
     if fn == "json":
@@ -139,7 +180,7 @@ def _call(dot: Any, words: list[str], piped: Any = None, has_pipe: bool = False)
     raise InvalidInput(f"invalid --format template: function {fn!r} not defined")
 
 
-def _eval(dot: Any, expr: str) -> Any:
+def _eval(dot: Any, expr: str, variables: dict[str, Any]) -> Any:
     value: Any = None
     has = False
     for stage in expr.split("|"):
@@ -149,7 +190,7 @@ def _eval(dot: Any, expr: str) -> Any:
             raise InvalidInput(f"invalid --format template: {exc}") from None
         if not words:
             raise InvalidInput("invalid --format template: empty pipeline")
-        value = _call(dot, words, value, has)
+        value = _call(dot, words, variables, value, has)
         has = True
     return value
 
@@ -158,35 +199,48 @@ def _truthy(value: Any) -> bool:
     return bool(value) and value != "<no value>"
 
 
-def _run(nodes: list[_Node], dot: Any, out: list[str]) -> None:
+def _run(nodes: list[_Node], dot: Any, out: list[str], variables: dict[str, Any]) -> None:
     for node in nodes:
         if isinstance(node, _Text):
             out.append(node.text)
         elif isinstance(node, _Expr):
-            out.append(go_str(_eval(dot, node.expr)))
+            out.append(go_str(_eval(dot, node.expr, variables)))
         elif isinstance(node, _Block):
             expr = node.expr
+            names: list[str] = []
             if node.kind == "range" and ":=" in expr:
-                expr = expr.split(":=", 1)[1].strip()
-            value = _eval(dot, expr)
+                declared, expr = (part.strip() for part in expr.split(":=", 1))
+                names = [n.strip() for n in declared.split(",") if n.strip()]
+                if not 1 <= len(names) <= 2 or not all(n.startswith("$") for n in names):
+                    raise InvalidInput(f"invalid --format template: bad range declaration {declared!r}")
+            value = _eval(dot, expr, variables)
             if node.kind == "range":
-                items = list(value.values()) if isinstance(value, dict) else (value or [])
-                if items:
-                    for item in items:
-                        _run(node.body, item, out)
+                # Go visits a map's entries in key order
+                if isinstance(value, dict):
+                    pairs = sorted(value.items())
                 else:
-                    _run(node.else_body, dot, out)
+                    pairs = list(enumerate(value or []))
+                if pairs:
+                    for key, item in pairs:
+                        scope = dict(variables)
+                        if len(names) == 1:
+                            scope[names[0]] = item
+                        elif len(names) == 2:
+                            scope[names[0]], scope[names[1]] = key, item
+                        _run(node.body, item, out, scope)
+                else:
+                    _run(node.else_body, dot, out, variables)
             elif node.kind == "if":
-                _run(node.body if _truthy(value) else node.else_body, dot, out)
+                _run(node.body if _truthy(value) else node.else_body, dot, out, variables)
             else:
                 if _truthy(value):
-                    _run(node.body, value, out)
+                    _run(node.body, value, out, variables)
                 else:
-                    _run(node.else_body, dot, out)
+                    _run(node.else_body, dot, out, variables)
 
 
 def render(template: str, data: Any) -> str:
     template = template.replace("\\n", "\n").replace("\\t", "\t")
     out: list[str] = []
-    _run(_parse(template), data, out)
+    _run(_parse(template), data, out, {"$": data})
     return "".join(out)

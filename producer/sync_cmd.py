@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +12,7 @@ from worker.engine.blobcache import SqliteBlobLocations
 from worker.engine.executor import ImageOutcome, Report
 from worker.engine.plan import Plan, plan_copy
 from worker.engine.sync import (
+    Discovery,
     SyncRequest,
     _options_key,
     apply_deletions,
@@ -23,7 +23,7 @@ from worker.engine.sync import (
 )
 from worker.registry import InvalidInput
 
-from .copy_cmd import EXIT_INTERRUPTED, add_copy_flags, copy_options, engine_context, run_embedded
+from .copy_cmd import EXIT_INTERRUPTED, add_copy_flags, copy_options, engine_context, queue_url, run_embedded
 from .progress import human_bytes, summary_line
 
 
@@ -78,12 +78,13 @@ def sync(args: argparse.Namespace) -> int:
         deletions = plan_deletions(ctx, disc, disc.items) if args.delete else []
         if args.dry_run:
             return _dry_run(plan, checked.unchanged, deletions, failures)
-        queue = args.queue or os.environ.get("FERRY_QUEUE")
+        queue = queue_url(args)
         if queue:
             from .distributed import submit_plan
 
             if deletions:
                 print("Note: --delete runs only without --queue (after the copy has succeeded)", file=sys.stderr)
+            _queue_source_side(args, disc)
             return submit_plan(args, plan, queue, kind="sync")
         report = run_embedded(args, ctx, plan, quiet, fail_fast=not args.keep_going)
         for item, digest in checked.unchanged:
@@ -93,15 +94,19 @@ def sync(args: argparse.Namespace) -> int:
         if memo is not None:
             for img in report.images:
                 src_digest = checked.source_digests.get(img.source)
-                if img.status == "done" and src_digest:
+                # also when the plan found the copy already there (e.g. after the cache was lost): next time HEADs do
+                if img.status in ("done", "up-to-date") and src_digest and img.digest:
                     opts = next((r.options for r in resolved if r.source == img.source and r.options), options)
                     memo.memo_put(img.source, src_digest, _options_key(opts), img.digest)
         deleted: list[str] = []
+        kept = [d for d in deletions if d.kept_because]
         if deletions and report.ok:
             deleted = apply_deletions(ctx, deletions)
+            for d in kept:
+                print(f"Kept {d.destination}: {d.kept_because}", file=sys.stderr)
     finally:
         ctx.close()
-    _outputs(args, report, deleted)
+    _outputs(args, report, deleted, kept if deletions and report.ok else [])
     if not quiet:
         extra = f"; {len(deleted)} tag(s) deleted" if args.delete else ""
         print(summary_line(report) + extra, file=sys.stderr)
@@ -115,6 +120,29 @@ def sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def _queue_source_side(args: argparse.Namespace, disc: Discovery) -> None:
+    """Workers reach every source registry of a job one way (``--src-tls-verify``, ``--src-cert-dir``): carry a
+    sync file's per-registry ``tls-verify`` / ``cert-dir`` over to them when the registries agree, and refuse
+    rather than guess when they do not (a plain-HTTP registry next to a verified one)."""
+    if not disc.sides:
+        return
+    for attr, flag in (("tls_verify", "src_tls_verify"), ("cert_dir", "src_cert_dir")):
+        values = {getattr(side, attr) for side in disc.sides.values()}
+        if len(values) > 1:
+            option = attr.replace("_", "-")
+            raise InvalidInput(
+                f"with --queue, every registry of {args.source} must have the same {option} setting"
+                " (workers use one for the whole job): split the file, one run per setting"
+            )
+        setattr(args, flag, values.pop())
+    if any(side.credentials is not None for side in disc.sides.values()) and not args.quiet:
+        print(
+            "Note: credentials in the sync file are used for planning only; they are never sent to workers,"
+            " which use their own auth files or credential helpers.",
+            file=sys.stderr,
+        )
+
+
 def _dry_run(plan: Plan, unchanged: list[Any], deletions: list[Any], failures: list[tuple[str, str, str]]) -> int:
     for img in plan.images:
         if img.up_to_date:
@@ -125,7 +153,7 @@ def _dry_run(plan: Plan, unchanged: list[Any], deletions: list[Any], failures: l
         print(f"Would skip {item.source} -> {item.destination}: up to date")
     for d in deletions:
         if d.kept_because:
-            print(f"Would keep {d.destination}: shares its digest with {d.kept_because}")
+            print(f"Would keep {d.destination}: {d.kept_because}")
         else:
             print(f"Would delete {d.destination} ({d.digest})")
     for src, dst, err in failures:
@@ -140,10 +168,11 @@ def _dry_run(plan: Plan, unchanged: list[Any], deletions: list[Any], failures: l
     return 1 if failures else 0
 
 
-def _outputs(args: argparse.Namespace, report: Report, deleted: list[str]) -> None:
+def _outputs(args: argparse.Namespace, report: Report, deleted: list[str], kept: list[Any]) -> None:
     if args.summary_json:
         data = report.to_json()
         data["deleted"] = deleted
+        data["kept"] = [{"destination": d.destination, "reason": d.kept_because} for d in kept]
         data["failures"] = [{"source": i.source, "destination": i.destination, "error": i.error} for i in report.failed]
         with open(args.summary_json, "w") as f:
             json.dump(data, f, indent=2)

@@ -23,7 +23,7 @@ from worker.registry import (
     store_login,
 )
 
-from .gotemplate import render
+from .gotemplate import GoStruct, GoTime, render
 from .options import side_config
 
 
@@ -62,7 +62,10 @@ def inspect(args: argparse.Namespace) -> int:
             if name.reference is not None and not args.no_tags:
                 out["RepoTags"] = src.list_tags()
             if args.format:
-                _write(render(args.format, out) + "\n")
+                data = GoStruct(out)
+                if isinstance(out.get("Created"), str):
+                    data["Created"] = GoTime(out["Created"])
+                _write(render(args.format, data) + "\n")
             else:
                 _write(go_json(out) + "\n")
             return 0
@@ -105,19 +108,27 @@ def manifest_digest(args: argparse.Namespace) -> int:
 
 
 def manifest_digest_of(raw: bytes) -> Digest:
-    """The digest of a manifest; for a signed schema 1 manifest, of its payload without signatures."""
+    """The digest of a manifest; for a signed schema 1 manifest, of its payload without signatures.
+
+    Like skopeo, anything that is not a signed schema 1 manifest (even bytes that are not JSON) is hashed as is.
+    """
     try:
         obj = json.loads(raw)
     except ValueError:
-        raise InvalidInput("the file is not a JSON manifest") from None
+        return Digest.of(raw)
     if isinstance(obj, dict) and obj.get("schemaVersion") == 1 and obj.get("signatures"):
         import base64
 
-        sig = obj["signatures"][0]
-        protected = sig.get("protected", "")
-        header = json.loads(base64.urlsafe_b64decode(protected + "=" * (-len(protected) % 4)))
-        length = int(header["formatLength"])
-        tail = base64.urlsafe_b64decode(header["formatTail"] + "=" * (-len(header["formatTail"]) % 4))
+        try:
+            sig = obj["signatures"][0]
+            protected = sig.get("protected", "")
+            header = json.loads(base64.urlsafe_b64decode(protected + "=" * (-len(protected) % 4)))
+            length = int(header["formatLength"])
+            tail = base64.urlsafe_b64decode(header["formatTail"] + "=" * (-len(header["formatTail"]) % 4))
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise InvalidInput("malformed signed schema 1 manifest: cannot read its signature header") from None
+        if not 0 < length <= len(raw):
+            raise InvalidInput("malformed signed schema 1 manifest: formatLength out of range")
         return Digest.of(raw[:length] + tail)
     return Digest.of(raw)
 

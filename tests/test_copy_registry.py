@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import httpx
 import pytest
@@ -118,12 +119,6 @@ def mounts_of(log: list[AccessLogEntry], digest: Digest | str) -> list[AccessLog
     return [
         e for e in log if e.method == "POST" and "/blobs/uploads/" in e.path and f"mount={digest}" in unquote(e.query)
     ]
-
-
-def unquote(query: str) -> str:
-    from urllib.parse import unquote as _unquote
-
-    return _unquote(query)
 
 
 def error_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
@@ -558,7 +553,7 @@ def test_corrupt_source_blob_fails_cleanly(
 
 
 def test_failed_copy_keeps_existing_tag(
-    registry_factory: Any, registry2: RegistryServer, unique_repo: str, cache_dir: Path
+    registry_factory: Any, registry2: RegistryServer, unique_repo: str, tmp_path: Path, cache_dir: Path
 ) -> None:
     src_reg: RegistryServer = registry_factory()
     old = build_image(f"copy/keep-old/{unique_repo}")
@@ -574,6 +569,47 @@ def test_failed_copy_keeps_existing_tag(
     assert head_manifest(registry2, unique_repo, "1").headers["docker-content-digest"] == str(old.digest)
     raw, _ = fetch_manifest(registry2.url, unique_repo, "1")
     assert raw == old.manifest
+
+    # the same into an OCI layout holding another image: the layout is left as it was
+    layout = tmp_path / "layout"
+    copy(docker(registry2, unique_repo, "1"), f"oci:{layout}:old", "-q", cache=cache_dir)
+    before = (layout / "index.json").read_bytes()
+    proc = copy(docker(src_reg, unique_repo, "1"), f"oci:{layout}:new", cache=cache_dir, check=False)
+    (line,) = error_lines(proc)
+    assert str(new.layers[0].digest) in line
+    assert (layout / "index.json").read_bytes() == before
+    assert not (layout / "blobs/sha256" / new.layers[0].digest.hex).exists()
+    assert inspect_raw(f"oci:{layout}:old") == old.manifest
+
+
+def test_failed_image_does_not_stop_the_others(
+    registry_factory: Any, registry2: RegistryServer, unique_repo: str
+) -> None:
+    src_reg: RegistryServer = registry_factory()
+    good = build_image(f"copy/others-good/{unique_repo}", layers=[1024])
+    bad = build_image(f"copy/others-bad/{unique_repo}", layers=[1024])
+    push_image(src_reg.url, f"{unique_repo}/good", "1", good)
+    push_image(src_reg.url, f"{unique_repo}/bad", "1", bad)
+    corrupt_blob(src_reg, bad.layers[0].digest)
+    jobs = [
+        CopyJob(
+            ImageName.parse(docker(src_reg, f"{unique_repo}/{x}", "1")),
+            ImageName.parse(docker(registry2, f"{unique_repo}/{x}", "1")),
+        )
+        for x in ("bad", "good")
+    ]
+    ctx = EngineContext(source_side=SideConfig(tls_verify=False), dest_side=SideConfig(tls_verify=False))
+    try:
+        plan, _ = build_plan(ctx, jobs, CopyOptions())
+        report = EmbeddedExecutor(ctx, parallel=2).run(plan)
+    finally:
+        ctx.close()
+    assert not report.ok and not report.cancelled
+    outcome = {o.destination.split("/")[-1]: o for o in report.images}
+    assert outcome["bad:1"].status == "failed" and str(bad.layers[0].digest) in outcome["bad:1"].error
+    assert outcome["good:1"].status == "done" and outcome["good:1"].digest == str(good.digest)
+    assert head_manifest(registry2, f"{unique_repo}/bad", "1").status_code == 404
+    assert inspect_raw(docker(registry2, f"{unique_repo}/good", "1")) == good.manifest
 
 
 def test_bad_source_reference(registry2: RegistryServer, unique_repo: str, cache_dir: Path) -> None:

@@ -129,15 +129,35 @@ def test_ferry_writes_oci_layout_converts_v2s2(registry: RegistryServer, unique_
     skopeo_verify(name, tmp_path)
 
 
-@pytest.mark.parametrize("transport", ["oci", "oci-archive", "dir"])
-def test_ferry_writes_multiarch(transport: str, registry: RegistryServer, unique_repo: str, tmp_path: Path) -> None:
-    idx = build_multiarch(f"transports/multi/{transport}/{unique_repo}", platforms=("linux/amd64", "linux/arm64"))
+@pytest.mark.parametrize(
+    ("transport", "fmt"), [("oci", "oci"), ("oci-archive", "oci"), ("dir", "oci"), ("oci", "v2s2")]
+)
+def test_ferry_writes_multiarch(
+    transport: str, fmt: str, registry: RegistryServer, unique_repo: str, tmp_path: Path
+) -> None:
+    idx = build_multiarch(
+        f"transports/multi/{transport}/{unique_repo}",
+        platforms=("linux/amd64", "linux/arm64"),
+        fmt=fmt,  # type: ignore[arg-type]
+    )
     push_index(registry.url, unique_repo, "m", idx)
     name = local_name(transport, local_path(transport, tmp_path, "multi"))
     ferry_copy(f"docker://{registry.host}/{unique_repo}:m", name, "--all", tmp_path=tmp_path)
-    assert inspect_raw(name) == idx.manifest
+    raw = inspect_raw(name)
     index = skopeo_verify(name, tmp_path, all_images=True)
-    assert index["manifests"][0]["digest"] == str(idx.digest)
+    assert index["manifests"][0]["digest"] == str(Digest.of(raw))
+    if fmt == "oci" or transport == "dir":
+        assert raw == idx.manifest
+        return
+    # a Docker manifest list into an OCI layout: index and children converted, platforms kept
+    top = json.loads(raw)
+    assert top["mediaType"] == MediaType.OCI_INDEX
+    assert [m["mediaType"] for m in top["manifests"]] == [MediaType.OCI_MANIFEST] * 2
+    assert [m["platform"]["architecture"] for m in top["manifests"]] == ["amd64", "arm64"]
+    for m, child in zip(top["manifests"], idx.children, strict=True):
+        converted = json.loads((tmp_path / "multi/blobs/sha256" / m["digest"].split(":")[1]).read_bytes())
+        assert converted["config"]["digest"] == str(child.config_digest)
+        assert converted["mediaType"] == MediaType.OCI_MANIFEST
 
 
 def test_ferry_writes_docker_archive_refuses_all(registry: RegistryServer, unique_repo: str, tmp_path: Path) -> None:

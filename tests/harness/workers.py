@@ -104,11 +104,12 @@ class WorkerProcess:
         self._forget()
 
     def stop(self, grace: float = 10.0) -> None:
-        """Stop the worker: SIGTERM (Celery's warm shutdown), then SIGKILL of the group after ``grace`` seconds."""
+        """Stop the worker: SIGTERM to the parent (Celery's warm shutdown: running tasks finish, the pool
+        children exit), then SIGKILL of the whole group after ``grace`` seconds."""
         if self.process is None:
             return
         if self.process.poll() is None:
-            self._signal_group(signal.SIGTERM)
+            self.process.terminate()
             try:
                 self.process.wait(grace)
             except subprocess.TimeoutExpired:

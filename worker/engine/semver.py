@@ -2,12 +2,15 @@
 
 Supported: comparison operators (``=``, ``!=``, ``>``, ``>=``, ``<``, ``<=``), ``~`` and ``^`` ranges,
 wildcards (``1.2.x``, ``1.*``), hyphen ranges (``1.2 - 1.4``), ``,`` or space for AND, ``||`` for OR.
-As in Masterminds, a pre-release version only matches a constraint that names a pre-release.
+As in Masterminds, a pre-release version only matches a constraint that names a pre-release (here: an
+``||`` alternative that names one, so ``>=2.0.0-0 <3`` selects ``2.1.0-rc.1``, where Masterminds would need
+every term to name one).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from worker.registry import InvalidInput
@@ -80,37 +83,39 @@ def _next(v: Version, given: int) -> Version:
     return Version(v.major, v.minor, v.patch + 1)
 
 
+_PART = r"v?[0-9xX*]+(?:\.[0-9xX*]+){0,2}(?:-[0-9A-Za-z.-]+)?"
+#: ``A - B``: Masterminds rewrites it to ``>= A, <= B`` before anything else
+_HYPHEN = re.compile(rf"(?<![\w.*-])({_PART})\s+-\s+({_PART})(?![\w.*-])")
+
+Term = tuple[str, Version, int]
+
+
 class Constraint:
     def __init__(self, text: str) -> None:
         self.text = text
-        self._groups: list[list[tuple[str, Version, int]]] = []
-        self._pre_allowed = "-" in text
+        #: per ``||`` alternative: its terms (all must hold) and whether it names a pre-release
+        self._groups: list[tuple[list[Term], bool]] = []
         for alt in text.split("||"):
             alt = alt.strip()
             if not alt:
                 raise InvalidInput(f"invalid semver constraint {text!r}")
-            alt = re.sub(r"\s+-\s+", " - ", alt)
+            alt = _HYPHEN.sub(r">=\1 <=\2", alt)
             alt = re.sub(r"(!=|>=|<=|=>|=<|~>|>|<|=|~|\^)\s+", r"\1", alt)
-            terms: list[tuple[str, Version, int]] = []
-            if " - " in alt:
-                lo, hi = (s.strip() for s in alt.split(" - ", 1))
-                lov, _ = _bound(lo)
-                hiv, hgiven = _bound(hi)
-                terms.append((">=", lov, 3))
-                terms.append(("<", _next(hiv, hgiven), 3) if hgiven < 3 else ("<=", hiv, 3))
-            else:
-                for raw in re.split(r"[,\s]+", alt):
-                    raw = raw.strip()
-                    if not raw:
-                        continue
-                    m = _TERM.match(raw)
-                    if not m:
-                        raise InvalidInput(f"invalid semver constraint {text!r}: cannot read {raw!r}")
-                    terms.extend(self._expand(m.group("op") or "=", m.group("ver")))
-            self._groups.append(terms)
+            terms: list[Term] = []
+            for raw in re.split(r"[,\s]+", alt):
+                raw = raw.strip()
+                if not raw:
+                    continue
+                m = _TERM.match(raw)
+                if not m:
+                    raise InvalidInput(f"invalid semver constraint {text!r}: cannot read {raw!r}")
+                terms.extend(self._expand(m.group("op") or "=", m.group("ver")))
+            # as in Masterminds, a pre-release only matches when the constraint names one (here: this alternative)
+            names_pre = "-" in alt
+            self._groups.append((terms, names_pre))
 
     @staticmethod
-    def _expand(op: str, ver: str) -> list[tuple[str, Version, int]]:
+    def _expand(op: str, ver: str) -> list[Term]:
         v, given = _bound(ver)
         op = {"=>": ">=", "=<": "<=", "~>": "~"}.get(op, op)
         if op == "~":
@@ -125,6 +130,9 @@ class Constraint:
             return [(">=", v, 3), ("<", upper, 3)]
         if op == "=" and given < 3:
             return [(">=", v, 3), ("<", _next(v, given), 3)] if given else []
+        if op == "!=" and given < 3:
+            # != 1.2 excludes all of 1.2.x: kept as a range, tested in check()
+            return [("!~", v, given)]
         if op == ">" and given < 3:
             return [(">=", _next(v, given), 3)]
         if op == "<=" and given < 3:
@@ -132,17 +140,19 @@ class Constraint:
         return [(op, v, given)]
 
     def check(self, version: Version) -> bool:
-        if version.pre and not self._pre_allowed:
-            return False
-        ops = {
-            "=": lambda a, b: a._key() == b._key(),
-            "!=": lambda a, b: a._key() != b._key(),
-            ">": lambda a, b: a > b,
-            ">=": lambda a, b: a >= b,
-            "<": lambda a, b: a < b,
-            "<=": lambda a, b: a <= b,
+        ops: dict[str, Callable[[Version, Version, int], bool]] = {
+            "=": lambda a, b, g: a._key() == b._key(),
+            "!=": lambda a, b, g: a._key() != b._key(),
+            "!~": lambda a, b, g: not (b <= a < _next(b, g)) if g else False,
+            ">": lambda a, b, g: a > b,
+            ">=": lambda a, b, g: a >= b,
+            "<": lambda a, b, g: a < b,
+            "<=": lambda a, b, g: a <= b,
         }
-        return any(all(ops[op](version, bound) for op, bound, _ in group) for group in self._groups)
+        return any(
+            (names_pre or not version.pre) and all(ops[op](version, bound, given) for op, bound, given in terms)
+            for terms, names_pre in self._groups
+        )
 
 
 def matches(constraint: str, tag: str) -> bool:

@@ -172,7 +172,8 @@ def _discover_repo(
     all_tags = _list_tags(ctx, ref)
     dest_repo = destination_for(_docker_suffix(ref.with_tag("x")), req)
     if dest_repo.reference is not None:
-        out.source_tags.setdefault(dest_repo.reference.name, set()).update(all_tags)
+        # under their destination names (--append-suffix), which is what --delete compares with
+        out.source_tags.setdefault(dest_repo.reference.name, set()).update(t + req.append_suffix for t in all_tags)
     if tags:
         wanted = []
         for t in tags:
@@ -415,9 +416,14 @@ def check(
         seen: set[str] = set()
         while pending:
             batch, pending = pending, []
-            futures = [(it, pool.submit(one, it)) for it in batch if str(it.destination) not in seen]
-            for it, fut in futures:
+            futures = []
+            for it in batch:
+                # the same image named twice (a tag listed under `images` and matched by a regex): check it once
+                if str(it.destination) in seen:
+                    continue
                 seen.add(str(it.destination))
+                futures.append((it, pool.submit(one, it)))
+            for it, fut in futures:
                 try:
                     item, src_digest, up_to_date, extras = fut.result()
                 except FerryError as exc:
@@ -458,7 +464,7 @@ def _extras(
         "application/vnd.oci.image.index.v1+json",
         "application/vnd.docker.distribution.manifest.list.v2+json",
     )
-    if options.format is not None or not (single or options.multi_arch == "all"):
+    if options.format is not None or not (single or (options.multi_arch == "all" and not options.platforms)):
         return []  # digests change at the destination: signatures for the old digest would not apply
     key = ref.name
     if key not in tag_cache:
@@ -526,14 +532,19 @@ def resolve_changed(
 class Deletion:
     destination: str
     digest: str
+    #: why the tag stays although the source no longer has it (empty: it is deleted)
     kept_because: str = ""
+
+
+_INDEX_TYPES = ("application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json")
 
 
 def plan_deletions(ctx: EngineContext, disc: Discovery, items: Sequence[SyncItem]) -> list[Deletion]:
     """Destination tags the source no longer has, in repositories this sync manages.
 
     A registry deletes manifests by digest, which removes every tag on it: a stale
-    tag sharing its digest with a kept tag is reported and kept.
+    tag sharing its digest with a kept tag, or whose manifest a kept index lists,
+    is reported and kept.
     """
     managed: dict[str, Reference] = {}
     for it in items:
@@ -545,31 +556,52 @@ def plan_deletions(ctx: EngineContext, disc: Discovery, items: Sequence[SyncItem
         if source_tags is None:
             continue  # the source named single images: nothing says which tags are gone
         dest = ctx.destination(f"docker://{ref.with_tag('latest')}")
+        client = dest.client  # type: ignore[attr-defined]
         try:
-            dest_tags = dest.client.list_tags(ref.repository)  # type: ignore[attr-defined]
+            dest_tags = client.list_tags(ref.repository)
         except NotFound:
             continue
         stale = [t for t in dest_tags if t not in source_tags and not _is_signature_tag(t)]
         if not stale:
             continue
         digests: dict[str, str] = {}
+        media_types: dict[str, str] = {}
         for t in dest_tags:
-            d = dest.client.head_manifest(ref.repository, t)  # type: ignore[attr-defined]
+            d = client.head_manifest(ref.repository, t)
             if d is not None:
                 digests[t] = str(d.digest)
+                media_types[t] = str(d.media_type)
+        # manifests an index that stays lists: deleting one would break that index
+        listed_by: dict[str, str] = {}
+        for t in dest_tags:
+            if t in stale or media_types.get(t) not in _INDEX_TYPES:
+                continue
+            index = client.get_manifest(ref.repository, Digest.parse(digests[t])).json()
+            for m in index.get("manifests") or []:
+                listed_by.setdefault(str(m.get("digest")), t)
         for t in stale:
-            sharing = [k for k, v in digests.items() if v == digests.get(t) and k not in stale]
-            out.append(Deletion(str(ref.with_tag(t)), digests.get(t, ""), ", ".join(sharing)))
+            digest = digests.get(t, "")
+            sharing = [k for k, v in digests.items() if v == digest and k not in stale]
+            reason = ""
+            if sharing:
+                reason = f"shares its digest with {', '.join(sharing)}"
+            elif digest in listed_by:
+                reason = f"the index {listed_by[digest]} lists its manifest"
+            out.append(Deletion(str(ref.with_tag(t)), digest, reason))
     return out
 
 
 def apply_deletions(ctx: EngineContext, deletions: Sequence[Deletion]) -> list[str]:
     done = []
+    gone: set[tuple[str, str]] = set()
     for d in deletions:
         if d.kept_because or not d.digest:
             continue
         ref = Reference.parse(d.destination)
-        dest = ctx.destination(f"docker://{ref}")
-        dest.client.delete_manifest(ref.repository, Digest.parse(d.digest))  # type: ignore[attr-defined]
+        key = (ref.name, d.digest)
+        if key not in gone:  # two stale tags on one manifest: deleting it once removes both
+            dest = ctx.destination(f"docker://{ref}")
+            dest.client.delete_manifest(ref.repository, Digest.parse(d.digest))  # type: ignore[attr-defined]
+            gone.add(key)
         done.append(d.destination)
     return done

@@ -36,6 +36,7 @@ from ._errors import (
     DigestMismatch,
     FerryError,
     Forbidden,
+    HeldOff,
     ManifestError,
     NetworkError,
     NotFound,
@@ -104,7 +105,8 @@ class RetryPolicy:
 
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.times + 1),
-            retry=tenacity.retry_if_exception(is_temporary),
+            # a shared backoff is not waited out here: the caller (a task) is rescheduled instead
+            retry=tenacity.retry_if_exception(lambda e: is_temporary(e) and not isinstance(e, HeldOff)),
             wait=wait,
             before_sleep=before_sleep,
             reraise=True,

@@ -11,6 +11,7 @@
      |    +-- Forbidden            403 / DENIED
      |    +-- NotFound             404 / *_UNKNOWN
      |    +-- TooManyRequests      429 / TOOMANYREQUESTS (has retry_after)
+     |    |    +-- HeldOff         a shared backoff says wait: the caller reschedules
      |    +-- ServerError          5xx / UNAVAILABLE
      |    +-- Unsupported          405 / UNSUPPORTED: the registry will not do it
      +-- NetworkError              the request never got an HTTP answer
@@ -83,6 +84,10 @@ class NotFound(RegistryError):
 
 class TooManyRequests(RegistryError):
     pass
+
+
+class HeldOff(TooManyRequests):
+    """Every worker holds off this registry for a while (a shared backoff): retry later, not in place."""
 
 
 class ServerError(RegistryError):
