@@ -37,9 +37,14 @@ def _state(url: str) -> Any:
     return state
 
 
-def job_options(args: argparse.Namespace) -> dict[str, Any]:
+def job_options(args: argparse.Namespace, source_sides: dict[str, Any] | None = None) -> dict[str, Any]:
     """What workers need to know beyond the plan: TLS and retry settings. Never credentials."""
     return {
+        # per source registry TLS settings (a sync YAML file's tls-verify / cert-dir)
+        "source_registries": {
+            host: {"tls_verify": side.tls_verify, "cert_dir": side.cert_dir}
+            for host, side in (source_sides or {}).items()
+        },
         "src_tls_verify": getattr(args, "src_tls_verify", None),
         "dest_tls_verify": getattr(args, "dest_tls_verify", None),
         "src_cert_dir": getattr(args, "src_cert_dir", None),
@@ -114,7 +119,9 @@ def _drop_result_tracking() -> None:
         pass
 
 
-def submit_plan(args: argparse.Namespace, plan: Plan, queue: str, *, kind: str) -> int:
+def submit_plan(
+    args: argparse.Namespace, plan: Plan, queue: str, *, kind: str, source_sides: dict[str, Any] | None = None
+) -> int:
     for img in plan.images:
         for name in (img.source, img.destination):
             if not name.startswith("docker://"):
@@ -129,15 +136,34 @@ def submit_plan(args: argparse.Namespace, plan: Plan, queue: str, *, kind: str) 
             file=sys.stderr,
         )
     state = _state(queue)
-    job_id = state.create_job(plan, kind, job_options(args))
+    if (getattr(args, "digestfile", None) or getattr(args, "summary_json", None)) and not args.wait:
+        raise InvalidInput("--digestfile and --summary-json need --wait when the job runs on a queue")
+    job_id = state.create_job(plan, kind, job_options(args, source_sides))
     enqueue_images(plan, job_id, plan.images)
     state.set_job(job_id, state="running")
     state.refresh_job_state(job_id)
     if not getattr(args, "quiet", False) or not args.wait:
         print(job_id)
     if args.wait:
-        return follow(state, job_id, quiet=getattr(args, "quiet", False))
+        code = follow(state, job_id, quiet=getattr(args, "quiet", False))
+        _write_job_outputs(args, job_summary(state, job_id))
+        return code
     return 0
+
+
+def _write_job_outputs(args: argparse.Namespace, summary: dict[str, Any]) -> None:
+    if getattr(args, "summary_json", None):
+        with open(args.summary_json, "w") as f:
+            json.dump({k: v for k, v in summary.items()}, f, indent=2)
+            f.write("\n")
+    if getattr(args, "digestfile", None):
+        done = [i for i in summary["images"] if i["status"] in ("done", "up-to-date")]
+        with open(args.digestfile, "w") as f:
+            if summary.get("kind") == "copy" and done:
+                f.write(done[0].get("digest", ""))
+            else:
+                for i in done:
+                    f.write(f"{i.get('digest', '')} {i['destination']}\n")
 
 
 def _totals(state: Any, job_id: str) -> dict[str, Any]:
@@ -284,6 +310,9 @@ def job_cancel(args: argparse.Namespace) -> int:
     state = _state(_queue_arg(args))
     if not state.job_exists(args.job):
         raise InvalidInput(f"no job {args.job!r} in this queue")
+    current = state.job(args.job).get("state", "")
+    if current in ("done", "failed", "cancelled"):
+        raise InvalidInput(f"job {args.job} has already ended ({current})")
     state.cancel(args.job)
     print(f"cancelled {args.job}")
     return 0
@@ -337,12 +366,28 @@ def worker(args: argparse.Namespace) -> int:
 
 
 def limit(args: argparse.Namespace) -> int:
+    from worker.registry import Reference
     from worker.state import Limits
 
     state = _state(_queue_arg(args))
     if args.registry:
-        state.set_limits(args.registry, Limits(args.concurrency, args.rps))
-    for host, lim in sorted(state.all_limits().items()):
+        # limits apply to the host workers contact: docker.io means registry-1.docker.io
+        host = Reference.parse(f"{args.registry}/x").api_host
+        if args.clear:
+            state.r.hdel("ferry:limits", host)
+        else:
+            current = state.limits(host)
+            state.set_limits(
+                host,
+                Limits(
+                    current.concurrency if args.concurrency is None else args.concurrency,
+                    current.rps if args.rps is None else args.rps,
+                ),
+            )
+    limits = state.all_limits()
+    if not limits:
+        print("no limits set")
+    for host, lim in sorted(limits.items()):
         print(f"{host}: concurrency {lim.concurrency or 'unlimited'}, {lim.rps or 'unlimited'} requests/s")
     return 0
 
@@ -388,5 +433,10 @@ def add_parsers(sub: Any, verb: Callable[..., argparse.ArgumentParser]) -> None:
     p = verb("limit", limit, "Set or show per-registry limits shared by all workers")
     queue_flag(p)
     p.add_argument("registry", nargs="?", metavar="HOST[:PORT]")
-    p.add_argument("--concurrency", type=int, default=0, help="blob transfers at once to/from the host (0: no limit)")
-    p.add_argument("--rps", type=float, default=0.0, help="requests per second to the host (0: no limit)")
+    p.add_argument(
+        "--concurrency", type=int, default=None, help="blob uploads at once to the host (0: no limit; default: keep)"
+    )
+    p.add_argument(
+        "--rps", type=float, default=None, help="requests per second to the host (0: no limit; default: keep)"
+    )
+    add_bool(p, "--clear", help="remove the host's limits")

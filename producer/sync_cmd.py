@@ -12,6 +12,7 @@ from worker.engine.blobcache import SqliteBlobLocations
 from worker.engine.executor import ImageOutcome, Report
 from worker.engine.plan import Plan, plan_copy
 from worker.engine.sync import (
+    Deletion,
     Discovery,
     SyncRequest,
     _options_key,
@@ -75,17 +76,24 @@ def sync(args: argparse.Namespace) -> int:
             src, dst, err = failures[-1]
             raise InvalidInput(f"syncing {src}: {err} (use --keep-going to go on past failed images)")
         plan = plan_copy(resolved, options)
-        deletions = plan_deletions(ctx, disc, disc.items) if args.delete else []
         if args.dry_run:
+            incoming = [(i.destination, i.dest_digest) for i in plan.images]
+            incoming += [(str(item.destination), digest) for item, digest in checked.unchanged]
+            deletions = plan_deletions(ctx, disc, disc.items, incoming) if args.delete else []
             return _dry_run(plan, checked.unchanged, deletions, failures)
         queue = queue_url(args)
         if queue:
             from .distributed import submit_plan
 
-            if deletions:
+            if args.delete:
                 print("Note: --delete runs only without --queue (after the copy has succeeded)", file=sys.stderr)
             _queue_source_side(args, disc)
-            return submit_plan(args, plan, queue, kind="sync")
+            if any(side.credentials for side in disc.sides.values()):
+                print(
+                    "Note: credentials in the sync file are used for planning only; workers use their own.",
+                    file=sys.stderr,
+                )
+            return submit_plan(args, plan, queue, kind="sync", source_sides=disc.sides)
         report = run_embedded(args, ctx, plan, quiet, fail_fast=not args.keep_going)
         for item, digest in checked.unchanged:
             report.images.append(ImageOutcome("", str(item.source), str(item.destination), "up-to-date", digest))
@@ -99,14 +107,17 @@ def sync(args: argparse.Namespace) -> int:
                     opts = next((r.options for r in resolved if r.source == img.source and r.options), options)
                     memo.memo_put(img.source, src_digest, _options_key(opts), img.digest)
         deleted: list[str] = []
-        kept = [d for d in deletions if d.kept_because]
-        if deletions and report.ok:
+        kept: list[Deletion] = []
+        if args.delete and report.ok:
+            # planned now, against what the copy wrote: a tag it added may share a stale tag's manifest
+            deletions = plan_deletions(ctx, disc, disc.items)
             deleted = apply_deletions(ctx, deletions)
+            kept = [d for d in deletions if d.kept_because]
             for d in kept:
                 print(f"Kept {d.destination}: {d.kept_because}", file=sys.stderr)
     finally:
         ctx.close()
-    _outputs(args, report, deleted, kept if deletions and report.ok else [])
+    _outputs(args, report, deleted, kept)
     if not quiet:
         extra = f"; {len(deleted)} tag(s) deleted" if args.delete else ""
         print(summary_line(report) + extra, file=sys.stderr)
@@ -168,7 +179,7 @@ def _dry_run(plan: Plan, unchanged: list[Any], deletions: list[Any], failures: l
     return 1 if failures else 0
 
 
-def _outputs(args: argparse.Namespace, report: Report, deleted: list[str], kept: list[Any]) -> None:
+def _outputs(args: argparse.Namespace, report: Report, deleted: list[str], kept: list[Deletion]) -> None:
     if args.summary_json:
         data = report.to_json()
         data["deleted"] = deleted

@@ -369,6 +369,7 @@ def auth_image(auth_registry: RegistryServer) -> str:
 
 
 def _basic(reg: RegistryServer) -> tuple[str, str]:
+    """The registry's user and password (which may start with '-': always pass it as --password=...)."""
     assert reg.username is not None and reg.password is not None
     return reg.username, reg.password
 
@@ -378,7 +379,7 @@ def test_login_logout_with_skopeo(ferry: Any, auth_registry: RegistryServer, aut
     host = auth_registry.host
     authfile = str(tmp_path / "auth.json")
 
-    run = ferry("login", INSECURE, "--authfile", authfile, "-u", user, "-p", password, host)
+    run = ferry("login", INSECURE, "--authfile", authfile, "-u", user, f"--password={password}", host)
     assert (run.code, run.text) == (0, "Login Succeeded!\n")
     assert peer("login", "--get-login", "--authfile", authfile, host) == f"{user}\n"
     assert ferry("login", "--get-login", "--authfile", authfile, host).text == f"{user}\n"
@@ -409,7 +410,7 @@ def test_login_password_stdin_and_logout_all(
     user, password = _basic(auth_registry)
     authfile = tmp_path / "auth.json"
     # another registry's entry, written by skopeo itself
-    skopeo("login", INSECURE, "--authfile", str(authfile), "-u", user, "-p", password, auth_registry.host)
+    skopeo("login", INSECURE, "--authfile", str(authfile), "-u", user, f"--password={password}", auth_registry.host)
     other = "other.example:5000"
     data = json.loads(authfile.read_text())
     data["auths"][other] = {"auth": base64.b64encode(b"x:y").decode()}
@@ -430,7 +431,7 @@ def test_login_password_stdin_and_logout_all(
 def test_inspect_with_creds(ferry: Any, auth_registry: RegistryServer, auth_image: str) -> None:
     user, password = _basic(auth_registry)
     assert ferry("inspect", INSECURE, "--creds", f"{user}:{password}", auth_image).json()["RepoTags"] == ["v1"]
-    assert ferry("inspect", INSECURE, "--username", user, "--password", password, "--raw", auth_image).code == 0
+    assert ferry("inspect", INSECURE, "--username", user, f"--password={password}", "--raw", auth_image).code == 0
     denied = ferry("inspect", INSECURE, auth_image)
     assert denied.code == 1 and "authentication required" in denied.err
     wrong = ferry("inspect", INSECURE, "--creds", f"{user}:nope-nope", auth_image)
@@ -452,7 +453,7 @@ def test_inspect_token_registry(ferry: Any, token_registry: RegistryServer, tmp_
     assert {k: mine.json()[k] for k in SUMMARY_FIELDS} == {k: theirs[k] for k in SUMMARY_FIELDS}
 
     authfile = tmp_path / "auth.json"
-    assert ferry("login", INSECURE, "--authfile", str(authfile), "-u", ts.username, "-p", ts.password,
+    assert ferry("login", INSECURE, "--authfile", str(authfile), "-u", ts.username, f"--password={ts.password}",
                  token_registry.host).code == 0  # fmt: skip
     assert ferry("inspect", INSECURE, "--authfile", str(authfile), "--raw", ref).out == img.manifest
     assert ferry("inspect", INSECURE, "--raw", ref).code == 1

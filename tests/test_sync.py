@@ -342,6 +342,8 @@ def test_yaml_semver_regex_exclude_keep_latest_and_platforms(
   images:
     {ns}/keep: []
     {ns}/multi: [1.0.0]
+  images-by-semver:
+    {ns}/keep: ["0.x", "=7"]
   exclude-tags: ['-rc']
   keep-latest: 2
   keep-latest-by: semver
@@ -357,8 +359,9 @@ def test_yaml_semver_regex_exclude_keep_latest_and_platforms(
         "semver": {t: str(by_semver[t].digest) for t in ("1.0.0", "1.2.0")},
         # the regex also matches 0.9.0 and 1.5.0-rc.1, which exclude-tags drops
         "regex": {t: str(by_regex[t].digest) for t in ("1.0.0", "1.2.0", "2.0.0")},
-        # the 2 highest versions once -rc is excluded; "latest" is no version
-        "keep": {t: str(keep[t].digest) for t in ("2.0.0", "1.2.0")},
+        # the 2 highest versions once -rc is excluded ("latest" is no version), and 0.9.0 from a list of
+        # constraints (as skopeo's manual writes them)
+        "keep": {t: str(keep[t].digest) for t in ("2.0.0", "1.2.0", "0.9.0")},
         "multi": {"1.0.0": multi_digest},
     }
     assert multi_digest != str(multi.digest)  # the index was rewritten to list just linux/arm64

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from celery import Celery
+from kombu.entity import Exchange, Queue
 
 DEFAULT_QUEUE_URL = "redis://127.0.0.1:6379/0"
 #: blob transfers: large, slow; metadata: manifests, finalizers, HEADs. Separate so big blobs never starve finalizers.
@@ -63,6 +64,8 @@ def make_app(url: str | None = None) -> Celery:
         result_backend_transport_options=transport,
         broker_connection_retry_on_startup=True,
         task_default_queue=META_QUEUE,
+        # declared so that a plain ``celery -A worker.celery_app worker`` consumes both
+        task_queues=tuple(Queue(q, Exchange(q), routing_key=q) for q in (BLOB_QUEUE, META_QUEUE)),
         task_routes={"ferry.copy_blob": {"queue": BLOB_QUEUE}},
         result_expires=24 * 3600,
         task_track_started=True,

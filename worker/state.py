@@ -12,6 +12,7 @@ Keys (all under ``ferry:``)::
     job:{id}:plan             string the plan as JSON (manifests included; a few KB per image)
     job:{id}:images           hash   image id -> JSON {source, destination, status, error, digest}
     job:{id}:blobs            hash   step id -> JSON {digest, size, status, action, bytes, attempts, error}
+    job:{id}:manifests        hash   image id -> JSON list of the image's manifest steps (finalizer input)
     job:{id}:cancel           string set when the job is cancelled
     loc:{store}:{digest}      zset   repositories holding the blob -> last seen
     lock:{store}:{digest}     string in-flight upload lock (token), with expiry
@@ -34,7 +35,7 @@ from typing import Any, cast
 import redis
 
 from worker.engine.plan import ManifestStep, Plan
-from worker.registry import TooManyRequests
+from worker.registry import HeldOff
 
 PREFIX = "ferry:"
 LOCATION_TTL = 30 * 24 * 3600
@@ -343,7 +344,7 @@ class RedisGate:
     def before_request(self, host: str) -> None:
         wait = self.state.backoff_until(host) - time.time()
         if wait > self.MAX_SLEEP:
-            raise TooManyRequests(f"{host} asked every worker to hold off", status=429, retry_after=wait)
+            raise HeldOff(f"{host} asked every worker to hold off", status=429, retry_after=wait)
         if wait > 0:
             time.sleep(wait)
         rps = self.state.limits(host).rps

@@ -23,7 +23,7 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Retry
 
-from worker.celery_app import app
+from worker.celery_app import app, visibility_timeout
 from worker.engine.plan import BlobStep, ManifestStep
 from worker.engine.steps import EngineContext, blob_store, existing_blob, run_manifest_step, transfer_blob
 from worker.engine.transports import ClientPool, ImageName, SideConfig
@@ -34,6 +34,8 @@ log = logging.getLogger("ferry.worker")
 
 #: in-flight lock lifetime; a live transfer renews it every third of this
 LOCK_TTL = float(os.environ.get("FERRY_LOCK_TTL", "30"))
+#: longest pause before a task waiting on another worker's upload of the same blob looks again
+LOCK_WAIT_POLL = float(os.environ.get("FERRY_LOCK_POLL", "2"))
 #: how many times a temporary failure of one blob is retried by re-queueing it
 DEFAULT_TASK_RETRIES = 5
 
@@ -67,10 +69,25 @@ def _sides(options_json: str) -> tuple[SideConfig, SideConfig]:
     return side("src_"), side("dest_")
 
 
+@lru_cache(maxsize=16)
+def _source_sides(options_json: str) -> dict[str, SideConfig]:
+    opts = json.loads(options_json or "{}")
+    src, _dest = _sides(options_json)
+    out = {}
+    for host, o in (opts.get("source_registries") or {}).items():
+        out[host] = SideConfig(
+            tls_verify=o.get("tls_verify"), cert_dir=o.get("cert_dir"), retry=src.retry, gate=src.gate
+        )
+    return out
+
+
 def _context(job_id: str) -> EngineContext:
     job = _state().job(job_id)
-    src, dest = _sides(job.get("options", "{}"))
-    return EngineContext(source_side=src, dest_side=dest, locations=_state(), pool=_pool())
+    options = job.get("options", "{}")
+    src, dest = _sides(options)
+    return EngineContext(
+        source_side=src, dest_side=dest, source_sides=dict(_source_sides(options)), locations=_state(), pool=_pool()
+    )
 
 
 def _host(name: str) -> str:
@@ -90,10 +107,15 @@ def _heartbeat(ctx: EngineContext, job_id: str, store: str, digest: str, token: 
     state = _state()
 
     def beat() -> None:
-        while not stop.wait(LOCK_TTL / 3):
+        # renew the lock every third of its life; look for a cancel at least every 2 s
+        interval = min(LOCK_TTL / 3, 2.0)
+        last_renew = time.monotonic()
+        while not stop.wait(interval):
             try:
-                if not state.extend_lock(store, digest, token, LOCK_TTL):
-                    log.warning("lost the in-flight lock of %s", digest)
+                if time.monotonic() - last_renew >= LOCK_TTL / 3 - interval / 2:
+                    last_renew = time.monotonic()
+                    if not state.extend_lock(store, digest, token, LOCK_TTL):
+                        log.warning("lost the in-flight lock of %s", digest)
                 if state.cancelled(job_id):
                     ctx.cancel.set()
             except Exception:  # Redis hiccup: the lock may lapse, the upload is still correct
@@ -152,13 +174,14 @@ def copy_blob(
         if result is None:
             token = state.acquire_lock(store, digest, LOCK_TTL)
             if token is None:
-                # another worker is uploading this blob: come back when it should be done, then mount
-                wait = max(min(state.lock_ttl(store, digest), LOCK_TTL), 1.0)
+                # another worker is uploading this blob: look again shortly, then mount it
+                wait = min(max(state.lock_ttl(store, digest), 0.5), LOCK_WAIT_POLL)
                 raise self.retry(countdown=wait * (0.5 + random.random() / 2), max_retries=None)
             try:
                 result = existing_blob(ctx, step)
                 if result is None:
-                    with state.slot(_host(destination), self.request.id or step_id, ttl=LOCK_TTL * 120) as got:
+                    slot_ttl = float(visibility_timeout())
+                    with state.slot(_host(destination), self.request.id or step_id, ttl=slot_ttl) as got:
                         if not got:
                             # the registry's transfer slots are all taken: queue up again shortly
                             raise self.retry(countdown=1.0 + random.random() * 2, max_retries=None)
@@ -176,13 +199,18 @@ def copy_blob(
             state.update_blob(job_id, step_id, status="cancelled")
             return {"digest": digest, "action": "cancelled"}
         error = " ".join(str(exc).split())
-        attempts = int(state.blobs(job_id).get(step_id, {}).get("attempts", 0))
+        # every temporary failure counts, wherever it happened (HEAD, mount or transfer)
+        failures = int(state.update_blob(job_id, step_id, status="retrying", error=error).get("failures", 0)) + 1
+        state.update_blob(job_id, step_id, failures=failures)
         limit = int(json.loads(state.job(job_id).get("options", "{}")).get("task_retries", DEFAULT_TASK_RETRIES))
-        if is_temporary(exc) and attempts <= limit and not ctx.cancel.is_set():
-            state.update_blob(job_id, step_id, status="retrying", error=error)
-            countdown = getattr(exc, "retry_after", None) or min(60.0, 2.0**attempts) * random.uniform(0.5, 1.0)
+        if is_temporary(exc) and failures <= limit and not ctx.cancel.is_set():
+            countdown = getattr(exc, "retry_after", None) or min(60.0, 2.0**failures) * random.uniform(0.5, 1.0)
             raise self.retry(countdown=countdown, max_retries=None) from exc
         _fail_images(job_id, step_id, images, error)
+        raise
+    except Exception as exc:
+        # a bug or a Redis outage: fail the image with the reason instead of leaving it running forever
+        _fail_images(job_id, step_id, images, f"internal error: {type(exc).__name__}: {exc}")
         raise
     finally:
         ctx.close_transports()
@@ -206,6 +234,9 @@ def finalize_image(self: Task, job_id: str, image_id: str) -> dict[str, Any]:
         if is_temporary(exc) and self.request.retries < DEFAULT_TASK_RETRIES:
             raise self.retry(countdown=2.0 ** (self.request.retries + 1), exc=exc) from exc
         state.update_image(job_id, image_id, status="failed", error=error)
+        raise
+    except Exception as exc:
+        state.update_image(job_id, image_id, status="failed", error=f"internal error: {type(exc).__name__}: {exc}")
         raise
     finally:
         ctx.close_transports()

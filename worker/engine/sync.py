@@ -274,6 +274,8 @@ def _discover_yaml(ctx: EngineContext, req: SyncRequest, out: Discovery) -> None
                 )  # fmt: skip
             for repo, constraint in (entry.get("images-by-semver") or {}).items():
                 ref = Reference.parse(f"{registry}/{repo}", default_tag=False)
+                if isinstance(constraint, list):  # skopeo's manual shows a list of constraints: any of them
+                    constraint = " || ".join(f"{c}" for c in constraint)
                 _discover_repo(
                     ctx, req, out, ref, tags=None, tag_filter=_semver_filter(Constraint(str(constraint))),
                     rules=rules, options=options,
@@ -539,13 +541,22 @@ class Deletion:
 _INDEX_TYPES = ("application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json")
 
 
-def plan_deletions(ctx: EngineContext, disc: Discovery, items: Sequence[SyncItem]) -> list[Deletion]:
+def plan_deletions(
+    ctx: EngineContext, disc: Discovery, items: Sequence[SyncItem], incoming: Sequence[tuple[str, str]] = ()
+) -> list[Deletion]:
     """Destination tags the source no longer has, in repositories this sync manages.
 
     A registry deletes manifests by digest, which removes every tag on it: a stale
     tag sharing its digest with a kept tag, or whose manifest a kept index lists,
-    is reported and kept.
+    is reported and kept. ``incoming`` are the ``(destination, digest)`` pairs this
+    sync writes, for planning before the copy (a dry run): a tag renamed at the
+    source shares its manifest with a tag the destination does not have yet.
     """
+    coming: dict[str, dict[str, str]] = {}
+    for name, digest in incoming:
+        dref = ImageName.parse(name).reference if name.startswith("docker://") else None
+        if dref is not None and dref.tag is not None:
+            coming.setdefault(dref.name, {})[dref.tag] = digest
     managed: dict[str, Reference] = {}
     for it in items:
         if it.destination.reference is not None and not it.extra:
@@ -579,6 +590,7 @@ def plan_deletions(ctx: EngineContext, disc: Discovery, items: Sequence[SyncItem
             index = client.get_manifest(ref.repository, Digest.parse(digests[t])).json()
             for m in index.get("manifests") or []:
                 listed_by.setdefault(str(m.get("digest")), t)
+        digests.update(coming.get(name, {}))  # what those tags will point at once the copy is done
         for t in stale:
             digest = digests.get(t, "")
             sharing = [k for k, v in digests.items() if v == digest and k not in stale]
