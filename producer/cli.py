@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from worker.registry import FerryError
 
 from . import verbs
-from .options import add_bool, add_retry_flags, add_side_flags, normalize_argv
+from .options import add_bool, add_retry_flags, add_side_flags, normalize_argv, value_flags
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .options import BOOL_FLAGS
 
     BOOL_FLAGS.add("--tls-verify")
-    args = parser.parse_args(normalize_argv(list(sys.argv[1:] if argv is None else argv)))
+    args = parser.parse_args(normalize_argv(list(sys.argv[1:] if argv is None else argv), value_flags(parser)))
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

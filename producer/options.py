@@ -39,11 +39,35 @@ def add_bool(
         )
 
 
-def normalize_argv(argv: Sequence[str]) -> list[str]:
-    """Give bare boolean flags an explicit ``=true`` so argparse never eats the next word as their value."""
+def value_flags(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string, in the parser and its sub-parsers, that takes exactly one value."""
+    out: set[str] = set()
+    stack = [parser]
+    while stack:
+        p = stack.pop()
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                stack.extend(action.choices.values())
+            elif action.option_strings and action.nargs is None and action.option_strings[0] not in BOOL_FLAGS:
+                out.update(action.option_strings)
+    return out
+
+
+def normalize_argv(argv: Sequence[str], takes_value: set[str] | None = None) -> list[str]:
+    """Read flags as Go's pflag does, before argparse sees them.
+
+    A bare boolean flag gets an explicit ``=true`` so argparse never eats the next
+    word as its value; a flag that takes a value takes the next word even when it
+    starts with ``-`` (``--password -secret``), which argparse would refuse.
+    """
+    takes_value = takes_value or set()
     out: list[str] = []
     passthrough = False
-    for arg in argv:
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
         if passthrough:
             out.append(arg)
         elif arg == "--":
@@ -51,6 +75,10 @@ def normalize_argv(argv: Sequence[str]) -> list[str]:
             out.append(arg)
         elif arg in BOOL_FLAGS:
             out.append(arg + "=true")
+        elif arg in takes_value and i < len(args) and args[i].startswith("-") and args[i] != "-":
+            value = args[i]
+            i += 1
+            out.append(f"{arg}={value}" if arg.startswith("--") else f"{arg}{value}")
         else:
             out.append(arg)
     return out
