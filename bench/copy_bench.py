@@ -317,7 +317,7 @@ def machine_info(bins: dict[str, str]) -> dict[str, Any]:
         "python": platform.python_version(),
         "ferry": ferry_version,
         "skopeo": first_line([bins["skopeo"], "--version"]),
-        "curl": first_line([bins["curl"], "--version"]),
+        "curl": " ".join(first_line([bins["curl"], "--version"]).split()[:2]),
         "registry": first_line([REGISTRY_BIN, "--version"]),
         "rss_method": "GNU time (wait4 of its child)" if GNU_TIME else "os.wait4 of a direct child (upper bound)",
     }

@@ -13,7 +13,6 @@ from worker.engine.executor import ImageOutcome, Report
 from worker.engine.plan import Plan, plan_copy
 from worker.engine.sync import (
     Deletion,
-    Discovery,
     SyncRequest,
     _options_key,
     apply_deletions,
@@ -87,7 +86,6 @@ def sync(args: argparse.Namespace) -> int:
 
             if args.delete:
                 print("Note: --delete runs only without --queue (after the copy has succeeded)", file=sys.stderr)
-            _queue_source_side(args, disc)
             if any(side.credentials for side in disc.sides.values()):
                 print(
                     "Note: credentials in the sync file are used for planning only; workers use their own.",
@@ -129,29 +127,6 @@ def sync(args: argparse.Namespace) -> int:
             print(f"Error: {img.source} -> {img.destination}: {img.error}", file=sys.stderr)
         return 1
     return 0
-
-
-def _queue_source_side(args: argparse.Namespace, disc: Discovery) -> None:
-    """Workers reach every source registry of a job one way (``--src-tls-verify``, ``--src-cert-dir``): carry a
-    sync file's per-registry ``tls-verify`` / ``cert-dir`` over to them when the registries agree, and refuse
-    rather than guess when they do not (a plain-HTTP registry next to a verified one)."""
-    if not disc.sides:
-        return
-    for attr, flag in (("tls_verify", "src_tls_verify"), ("cert_dir", "src_cert_dir")):
-        values = {getattr(side, attr) for side in disc.sides.values()}
-        if len(values) > 1:
-            option = attr.replace("_", "-")
-            raise InvalidInput(
-                f"with --queue, every registry of {args.source} must have the same {option} setting"
-                " (workers use one for the whole job): split the file, one run per setting"
-            )
-        setattr(args, flag, values.pop())
-    if any(side.credentials is not None for side in disc.sides.values()) and not args.quiet:
-        print(
-            "Note: credentials in the sync file are used for planning only; they are never sent to workers,"
-            " which use their own auth files or credential helpers.",
-            file=sys.stderr,
-        )
 
 
 def _dry_run(plan: Plan, unchanged: list[Any], deletions: list[Any], failures: list[tuple[str, str, str]]) -> int:

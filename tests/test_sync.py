@@ -174,8 +174,9 @@ def blob_data(reg: RegistryServer, digest: str) -> Path:
     return reg.storage_dir / "docker/registry/v2/blobs/sha256" / hexd[:2] / hexd / "data"
 
 
-def writes(reg: RegistryServer, since: int) -> list[tuple[str, str]]:
-    return [(m, p) for m, p in reg.requests(since) if m in WRITES]
+def writes(reg: RegistryServer, since: int, under: str = "") -> list[tuple[str, str]]:
+    """PUT/POST/PATCH/DELETE requests since ``since`` (to repositories under ``under``, if given)."""
+    return [(m, p) for m, p in reg.requests(since) if m in WRITES and p.startswith(f"/v2/{under}")]
 
 
 def copied_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
@@ -495,7 +496,7 @@ def test_dry_run_writes_nothing_and_says_what_it_would_do(
 
     mark = registry2.log_mark()
     proc = sync(*args, "--dry-run", src, dst, cache=cache)
-    assert writes(registry2, mark) == []
+    assert writes(registry2, mark, under=f"{ns}-dst/") == []
     size = sum(ly.size for ly in app["v3"].layers) + len(app["v3"].config)  # what would be transferred
     lines = proc.stdout.splitlines()
     assert f"Would copy docker://{src}:v3 -> docker://{dst}/app:v3 ({size} B)" in lines
@@ -505,7 +506,7 @@ def test_dry_run_writes_nothing_and_says_what_it_would_do(
 
     mark = registry2.log_mark()
     proc = sync(*args, "--dry-run", "--delete", src, dst, cache=cache)
-    assert writes(registry2, mark) == []
+    assert writes(registry2, mark, under=f"{ns}-dst/") == []
     assert f"Would delete {dst}/app:v1 ({app['v1'].digest})" in proc.stdout.splitlines()
     assert tag_digests(registry2, f"{ns}-dst/app") == before
 
@@ -723,8 +724,8 @@ def queue_workers(redis_server: RedisServer, tmp_path: Path) -> Iterator[str]:
 
 
 def test_sync_on_celery_workers_gives_the_same_destination(
-    registry: RegistryServer, registry2: RegistryServer, unique_repo: str, tmp_path: Path, cache: Path,
-    queue_workers: str,
+    registry: RegistryServer, registry2: RegistryServer, tls_registry: RegistryServer, unique_repo: str,
+    tmp_path: Path, cache: Path, queue_workers: str,
 ) -> None:  # fmt: skip
     ns = unique_repo
     app = images(f"{ns}/app", ["v1", "v2", "v3"])
@@ -732,13 +733,26 @@ def test_sync_on_celery_workers_gives_the_same_destination(
     push_cosign_signature(registry.url, f"{ns}/app", app["v1"])
     multi = build_multiarch(f"{ns}/multi", layers=[128])
     push_index(registry.url, f"{ns}/multi", "1.0", multi)
+    push_all(tls_registry, f"{ns}/secure", images(f"{ns}/secure", ["1"]))
+    # two source registries reached differently: plain HTTP, and HTTPS verified with the test CA; the workers
+    # must apply each entry's settings to its registry
     spec = write_yaml(
         tmp_path / "sync.yml",
-        f"{registry.host}:\n  tls-verify: false\n  images:\n    {ns}/app: []\n    {ns}/multi: []\n",
+        f"""\
+{registry.host}:
+  tls-verify: false
+  images:
+    {ns}/app: []
+    {ns}/multi: []
+{tls_registry.host}:
+  cert-dir: {tls_registry.cert_dir}
+  images:
+    {ns}/secure: []
+""",
     )
     common = ("--src", "yaml", "--dest", "docker", "--dest-tls-verify=false", "--all", str(spec))
     sync(*common, f"{registry2.host}/{ns}-embedded", cache=cache)
     proc = sync(*common, f"{registry2.host}/{ns}-queued", "--queue", queue_workers, "--wait", cache=cache)
     embedded = registry_state(registry2, f"{ns}-embedded/")
-    assert set(embedded) == {"app", "multi"} and len(embedded["app"]) == 4  # v1-v3 and the signature
+    assert set(embedded) == {"app", "multi", "secure"} and len(embedded["app"]) == 4  # v1-v3, the signature
     assert registry_state(registry2, f"{ns}-queued/") == embedded, proc.stderr
