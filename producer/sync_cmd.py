@@ -94,7 +94,10 @@ def sync(args: argparse.Namespace) -> int:
             return submit_plan(args, plan, queue, kind="sync", source_sides=disc.sides)
         report = run_embedded(args, ctx, plan, quiet, fail_fast=not args.keep_going)
         for item, digest in checked.unchanged:
-            report.images.append(ImageOutcome("", str(item.source), str(item.destination), "up-to-date", digest))
+            outcome = ImageOutcome("", str(item.source), str(item.destination), "up-to-date", digest)
+            report.images.append(outcome)
+            if not quiet:
+                print(f"Skipped {outcome.source} -> {outcome.destination}: already up to date ({digest})")
         for src, dst, err in failures:
             report.images.append(ImageOutcome("", src, dst, "failed", error=err))
         if memo is not None:
