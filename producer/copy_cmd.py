@@ -54,8 +54,12 @@ def add_copy_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--digestfile", metavar="PATH", help="write the digest of the written manifest to PATH")
     p.add_argument("--summary-json", metavar="PATH", help="write the run summary as JSON to PATH")
     add_bool(p, "--quiet", "-q", help="print nothing but errors")
-    p.add_argument("--dest-compress", help=argparse.SUPPRESS)
+    # skopeo flags that change nothing here: Ferry never recompresses, so layers keep their bytes and digests
+    add_bool(p, "--dest-compress", help=argparse.SUPPRESS)
     p.add_argument("--dest-compress-format", help=argparse.SUPPRESS)
+    p.add_argument("--dest-compress-level", help=argparse.SUPPRESS)
+    add_bool(p, "--dest-oci-accept-uncompressed-layers", help=argparse.SUPPRESS)
+    add_bool(p, "--dest-precompute-digests", help=argparse.SUPPRESS)
     p.add_argument(
         "--queue",
         metavar="REDIS-URL",
