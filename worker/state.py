@@ -88,6 +88,9 @@ class SharedState:
                 "state": "queued",
                 "created": now,
                 "images": len(plan.images),
+                # images already ended at creation (up to date, or nothing to do)
+                "ended": sum(1 for i in plan.images if i.up_to_date or not i.steps),
+                "failed": 0,
                 "options": json.dumps(options),
             },
         )
@@ -163,6 +166,15 @@ class SharedState:
         raw = cast(dict[str, str], self.r.hgetall(f"{PREFIX}job:{job_id}:blobs"))
         return {k: json.loads(v) for k, v in raw.items()}
 
+    def blob(self, job_id: str, step_id: str) -> dict[str, Any]:
+        """One blob record (a single HGET: tasks must not read the whole table, which grows with the job)."""
+        raw = self.r.hget(f"{PREFIX}job:{job_id}:blobs", step_id)
+        return cast(dict[str, Any], json.loads(cast(str, raw))) if raw else {}
+
+    def image(self, job_id: str, image_id: str) -> dict[str, Any]:
+        raw = self.r.hget(f"{PREFIX}job:{job_id}:images", image_id)
+        return cast(dict[str, Any], json.loads(cast(str, raw))) if raw else {}
+
     def _modify(
         self, key: str, field: str, change: Callable[[dict[str, Any]], dict[str, Any] | None]
     ) -> dict[str, Any]:
@@ -192,10 +204,31 @@ class SharedState:
         return self._modify(key, field, lambda rec: changes)
 
     def update_image(self, job_id: str, image_id: str, **changes: Any) -> dict[str, Any]:
-        rec = self._update(f"{PREFIX}job:{job_id}:images", image_id, **changes)
-        if changes.get("status") in TERMINAL:
-            self._maybe_finish(job_id)
+        before: dict[str, Any] = {}
+
+        def change(rec: dict[str, Any]) -> dict[str, Any]:
+            before["status"] = rec.get("status")
+            return changes
+
+        rec = self._modify(f"{PREFIX}job:{job_id}:images", image_id, change)
+        self._count_transition(job_id, before.get("status"), rec.get("status"))
         return rec
+
+    def _count_transition(self, job_id: str, old: str | None, new: str | None) -> None:
+        """Keep the job's ``ended``/``failed`` counters; end the job when the last image ends.
+
+        Each image's transition happens once (under WATCH), so the counters are exact without
+        reading every image record on every change.
+        """
+        key = f"{PREFIX}job:{job_id}"
+        was_ended, is_ended = old in TERMINAL, new in TERMINAL
+        was_failed, is_failed = old in ("failed", "cancelled"), new in ("failed", "cancelled")
+        if was_failed != is_failed:
+            self.r.hincrby(key, "failed", 1 if is_failed else -1)
+        if was_ended != is_ended:
+            ended = int(self.r.hincrby(key, "ended", 1 if is_ended else -1))
+            if is_ended and ended >= int(cast(str, self.r.hget(key, "images") or 0)):
+                self._finish(job_id)
 
     def update_blob(self, job_id: str, step_id: str, **changes: Any) -> dict[str, Any]:
         return self._update(f"{PREFIX}job:{job_id}:blobs", step_id, **changes)
@@ -219,15 +252,17 @@ class SharedState:
         )
         return int(rec["attempts"])
 
-    def _maybe_finish(self, job_id: str) -> None:
-        images = self.images(job_id)
-        if images and all(i["status"] in TERMINAL for i in images.values()):
-            failed = any(i["status"] in ("failed", "cancelled") for i in images.values())
-            state = "cancelled" if self.cancelled(job_id) else ("failed" if failed else "done")
-            self.set_job(job_id, state=state, finished=time.time())
+    def _finish(self, job_id: str) -> None:
+        job = self.job(job_id)
+        failed = int(job.get("failed", 0) or 0) > 0
+        state = "cancelled" if self.cancelled(job_id) else ("failed" if failed else "done")
+        self.set_job(job_id, state=state, finished=time.time())
 
     def refresh_job_state(self, job_id: str) -> None:
-        self._maybe_finish(job_id)
+        """End the job now if every image already has (an up-to-date set ends at once)."""
+        job = self.job(job_id)
+        if int(job.get("ended", 0) or 0) >= int(job.get("images", 0) or 0):
+            self._finish(job_id)
 
     def list_jobs(self, limit: int = 50) -> list[str]:
         return list(reversed(cast(list[str], self.r.zrange(f"{PREFIX}jobs", -limit, -1))))
@@ -342,12 +377,17 @@ class RedisGate:
         self.state = state
 
     def before_request(self, host: str) -> None:
-        wait = self.state.backoff_until(host) - time.time()
+        # one round trip for both the backoff and the host's limits
+        pipe = self.state.r.pipeline(transaction=False)
+        pipe.get(f"{PREFIX}backoff:{host}")
+        pipe.hget(f"{PREFIX}limits", host)
+        backoff, limits = pipe.execute()
+        wait = (float(backoff) if backoff else 0.0) - time.time()
         if wait > self.MAX_SLEEP:
             raise HeldOff(f"{host} asked every worker to hold off", status=429, retry_after=wait)
         if wait > 0:
             time.sleep(wait)
-        rps = self.state.limits(host).rps
+        rps = float(json.loads(limits).get("rps") or 0) if limits else 0.0
         if rps > 0:
             while True:
                 second = int(time.time())

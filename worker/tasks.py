@@ -95,11 +95,6 @@ def _host(name: str) -> str:
     return ref.api_host if ref is not None else ""
 
 
-def _images_of_step(job_id: str, step_id: str) -> list[str]:
-    rec = _state().blobs(job_id).get(step_id) or {}
-    return list(rec.get("images") or [])
-
-
 @contextmanager
 def _heartbeat(ctx: EngineContext, job_id: str, store: str, digest: str, token: str) -> Iterator[None]:
     """Renew the in-flight lock and watch for cancellation while a transfer runs."""
@@ -159,7 +154,7 @@ def copy_blob(
     state = _state()
     if state.cancelled(job_id):
         return {"digest": digest, "action": "cancelled"}
-    rec = state.blobs(job_id).get(step_id) or {}
+    rec = state.blob(job_id, step_id)
     if rec.get("status") == "done":
         return {"digest": digest, "action": rec.get("action", "done"), "bytes": 0}
     step = BlobStep(step_id, source, destination, digest, size, media_type, mount_from=mount_from)
@@ -220,7 +215,7 @@ def copy_blob(
 def finalize_image(self: Task, job_id: str, image_id: str) -> dict[str, Any]:
     """Once every blob of the image exists: push child manifests, the index, then the tag(s)."""
     state = _state()
-    record = state.images(job_id).get(image_id) or {}
+    record = state.image(job_id, image_id)
     if state.cancelled(job_id) or record.get("status") in ("failed", "cancelled"):
         return {"image": image_id, "status": record.get("status", "cancelled")}
     steps = [ManifestStep(**s) for s in _manifest_steps(job_id, image_id)]
