@@ -7,4 +7,5 @@ bash scripts/setup.sh
 echo "== ruff" && .venv/bin/ruff check . && .venv/bin/ruff format --check .
 echo "== mypy" && .venv/bin/mypy
 echo "== pytest"
-exec .venv/bin/pytest -n "${FERRY_TEST_WORKERS:-2}" -q -p no:cacheprovider "$@"
+# --dist loadfile: a test file (and its module fixtures: worker processes, a Redis DB) stays in one process
+exec .venv/bin/pytest -n "${FERRY_TEST_WORKERS:-2}" --dist loadfile -q -p no:cacheprovider "$@"
