@@ -7,8 +7,11 @@ bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 
 work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+# start_registry runs in a $(...) subshell, so each registry's pid goes to a file the cleanup reads
+cleanup() {
+  for f in "$work"/*/pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
+  rm -rf "$work"
+}
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -22,7 +25,7 @@ storage: {filesystem: {rootdirectory: $work/$name/data}, delete: {enabled: true}
 http: {addr: 127.0.0.1:$port}
 YAML
   docker-registry serve "$work/$name/config.yml" >"$work/$name/log" 2>&1 &
-  pids+=($!)
+  echo $! > "$work/$name/pid"
   python3 - "$port" <<'PY'
 import sys, time, urllib.request
 for _ in range(200):

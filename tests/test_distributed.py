@@ -256,14 +256,20 @@ def wait_idle(queue: str, timeout: float = 60.0) -> None:
         r.close()
 
 
-def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
+def wait_for(
+    what: str,
+    predicate: Callable[[], Any],
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    detail: Callable[[], str] | None = None,
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
+            pytest.fail(f"timed out waiting for {what}" + (f"\n{detail()}" if detail else ""))
         time.sleep(interval)
 
 
@@ -742,7 +748,13 @@ def test_sigkilled_worker_task_is_redone_by_the_other(
             for e in registry2.access_log(since=mark)
         )
 
-    wait_for("a PATCH of the big blob at the destination", first_patch, interval=0.02)
+    wait_for(
+        "a PATCH of the big blob at the destination",
+        first_patch,
+        timeout=60.0,
+        interval=0.02,
+        detail=lambda: f"blobs: {state.blobs(job)}\nlog: {registry2.requests(since=mark)}\n{workers.logs()}",
+    )
     rec = blob_record(state, job, big)
     assert rec["status"] == "running" and rec["attempts"] == 1
     victim = workers.by_name(rec["worker"])

@@ -90,6 +90,11 @@ def _context(job_id: str) -> EngineContext:
     )
 
 
+def _lock_wait(task: Task) -> float:
+    waits = int(getattr(task.request, "retries", 0) or 0)
+    return float(min(0.2 * 2**waits, LOCK_WAIT_POLL) * random.uniform(0.75, 1.25))
+
+
 def _host(name: str) -> str:
     ref = ImageName.parse(name).reference
     return ref.api_host if ref is not None else ""
@@ -165,13 +170,15 @@ def copy_blob(
     try:
         for image in images:
             state.start_image(job_id, image)
+        if state.lock_ttl(store, digest) > 0:
+            # another worker is uploading this blob right now: a mount would be refused, so wait and
+            # look again, soon at first (most blobs are small), then every FERRY_LOCK_POLL seconds
+            raise self.retry(countdown=_lock_wait(self), max_retries=None)
         result = existing_blob(ctx, step)
         if result is None:
             token = state.acquire_lock(store, digest, LOCK_TTL)
             if token is None:
-                # another worker is uploading this blob: look again shortly, then mount it
-                wait = min(max(state.lock_ttl(store, digest), 0.5), LOCK_WAIT_POLL)
-                raise self.retry(countdown=wait * (0.5 + random.random() / 2), max_retries=None)
+                raise self.retry(countdown=_lock_wait(self), max_retries=None)
             try:
                 result = existing_blob(ctx, step)
                 if result is None:
