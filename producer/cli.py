@@ -11,6 +11,7 @@ import logging
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from worker.registry import FerryError
 
@@ -24,7 +25,29 @@ EXIT_INTERRUPTED = 130
 Handler = Callable[[argparse.Namespace], int]
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Show Go-style booleans as skopeo does: ``--all[=BOOL]``, not ``--all BOOL``."""
+
+    def _format_args(self, action: argparse.Action, default_metavar: str) -> str:
+        if action.metavar == "BOOL":
+            return "[=BOOL]"
+        return super()._format_args(action, default_metavar)
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if action.metavar == "BOOL" and action.option_strings:
+            return ", ".join(f"{o}[=BOOL]" if o.startswith("--") else o for o in action.option_strings)
+        return super()._format_action_invocation(action)
+
+    def format_help(self) -> str:
+        # usage lines: argparse puts a space between an option and its metavar
+        return super().format_help().replace(" [=BOOL]", "[=BOOL]")
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"Error: {message} (see '{self.prog} --help')\n")
 

@@ -8,7 +8,6 @@ import json
 import sys
 
 from worker.engine.inspect import go_json, host_platform, image_config, inspect_image, oci_config_view
-from worker.engine.manifest import parse_manifest
 from worker.engine.transports import ClientPool, ImageName, SideConfig, open_source
 from worker.registry import (
     Credentials,
@@ -218,6 +217,3 @@ def logout(args: argparse.Namespace) -> int:
         raise InvalidInput(f"not logged into {registry}")
     _write(f"Removed login credentials for {registry}\n")
     return 0
-
-
-_ = parse_manifest

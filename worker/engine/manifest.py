@@ -78,7 +78,9 @@ def parse_manifest(raw: bytes, media_type: str) -> ParsedManifest:
             layers=[Descriptor.from_json(d) for d in obj.get("layers") or []],
             subject=Descriptor.from_json(obj["subject"]) if isinstance(obj.get("subject"), dict) else None,
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except KeyError as exc:
+        raise ManifestError(f"malformed manifest of type {media_type}: a descriptor has no {exc} field") from None
+    except (TypeError, ValueError) as exc:
         raise ManifestError(f"malformed manifest of type {media_type}: {exc}") from None
 
 

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
-from urllib.parse import urlencode, urljoin, urlsplit, urlunsplit
+from urllib.parse import urlencode, urljoin, urlsplit
 
 import httpx
 import tenacity
@@ -145,15 +145,6 @@ class Manifest:
         if not isinstance(obj, dict):
             raise ManifestError(f"malformed manifest {self.digest}: not a JSON object")
         return obj
-
-
-def _safe_url(url: str | httpx.URL) -> str:
-    """The URL without query string or userinfo: safe to show in errors and logs."""
-    parts = urlsplit(str(url))
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def translate_transport_error(exc: httpx.HTTPError, host: str) -> FerryError:
@@ -865,5 +856,3 @@ __all__ = [
     "registry_error",
     "translate_transport_error",
 ]
-
-_ = (NetworkError, Unauthorized)
