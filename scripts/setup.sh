@@ -13,7 +13,7 @@ if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing ${need[*]} from Debian" >&2
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >/dev/null
-    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    apt-get install -y -qq "${need[@]}" >/dev/null
   else
     echo "setup: missing ${need[*]}; run as root or: sudo apt-get install ${need[*]}" >&2
     exit 1
