@@ -149,6 +149,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.debug:
         # httpx logs every request at INFO; keep them out unless asked
         logging.getLogger("httpx").setLevel(logging.WARNING)
+    if args.tmpdir:
+        # archives are unpacked / staged here (skopeo's --tmpdir)
+        import os
+        import tempfile
+
+        os.environ["TMPDIR"] = args.tmpdir
+        tempfile.tempdir = None
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help(sys.stderr)

@@ -93,8 +93,6 @@ def queue_url(args: argparse.Namespace) -> str | None:
 def copy_options(args: argparse.Namespace) -> CopyOptions:
     if args.sign_by:
         raise InvalidInput("--sign-by: Ferry does not sign images (copy signatures along, or sign with cosign)")
-    if getattr(args, "tmpdir", None):
-        os.environ["TMPDIR"] = args.tmpdir
     multi: MultiArch = args.multi_arch or ("all" if args.all else "system")
     if args.all and args.multi_arch not in (None, "all"):
         raise InvalidInput("--all and --multi-arch cannot disagree")
