@@ -120,8 +120,15 @@ def _drop_result_tracking() -> None:
 
 
 def submit_plan(
-    args: argparse.Namespace, plan: Plan, queue: str, *, kind: str, source_sides: dict[str, Any] | None = None
+    args: argparse.Namespace,
+    plan: Plan,
+    queue: str,
+    *,
+    kind: str,
+    source_sides: dict[str, Any] | None = None,
+    on_done: Callable[[dict[str, Any]], None] | None = None,
 ) -> int:
+    """Enqueue the plan as a job; with ``--wait`` follow it, then hand its summary to ``on_done``."""
     for img in plan.images:
         for name in (img.source, img.destination):
             if not name.startswith("docker://"):
@@ -146,7 +153,10 @@ def submit_plan(
         print(job_id)
     if args.wait:
         code = follow(state, job_id, quiet=getattr(args, "quiet", False))
-        _write_job_outputs(args, job_summary(state, job_id))
+        summary = job_summary(state, job_id)
+        _write_job_outputs(args, summary)
+        if on_done is not None:
+            on_done(summary)
         return code
     return 0
 

@@ -84,14 +84,28 @@ def sync(args: argparse.Namespace) -> int:
         if queue:
             from .distributed import submit_plan
 
-            if args.delete:
-                print("Note: --delete runs only without --queue (after the copy has succeeded)", file=sys.stderr)
+            if args.delete and not args.wait:
+                print("Note: --delete needs --wait with --queue (it runs after the job has succeeded)", file=sys.stderr)
             if any(side.credentials for side in disc.sides.values()):
                 print(
                     "Note: credentials in the sync file are used for planning only; workers use their own.",
                     file=sys.stderr,
                 )
-            return submit_plan(args, plan, queue, kind="sync", source_sides=disc.sides)
+
+            def job_done(summary: dict[str, Any]) -> None:
+                # what the embedded path does after its run: remember digests, then delete what is stale
+                done = [(i["source"], i["status"], i.get("digest", "")) for i in summary["images"]]
+                _remember(memo, done, checked, resolved, options)
+                if args.delete and summary["state"] == "done":
+                    deletions = plan_deletions(ctx, disc, disc.items)
+                    deleted = apply_deletions(ctx, deletions)
+                    for d in deletions:
+                        if d.kept_because:
+                            print(f"Kept {d.destination}: {d.kept_because}", file=sys.stderr)
+                    if not quiet:
+                        print(f"{len(deleted)} tag(s) deleted", file=sys.stderr)
+
+            return submit_plan(args, plan, queue, kind="sync", source_sides=disc.sides, on_done=job_done)
         report = run_embedded(args, ctx, plan, quiet, fail_fast=not args.keep_going)
         for item, digest in checked.unchanged:
             outcome = ImageOutcome("", str(item.source), str(item.destination), "up-to-date", digest)
@@ -100,13 +114,7 @@ def sync(args: argparse.Namespace) -> int:
                 print(f"Skipped {outcome.source} -> {outcome.destination}: already up to date ({digest})")
         for src, dst, err in failures:
             report.images.append(ImageOutcome("", src, dst, "failed", error=err))
-        if memo is not None:
-            for img in report.images:
-                src_digest = checked.source_digests.get(img.source)
-                # also when the plan found the copy already there (e.g. after the cache was lost): next time HEADs do
-                if img.status in ("done", "up-to-date") and src_digest and img.digest:
-                    opts = next((r.options for r in resolved if r.source == img.source and r.options), options)
-                    memo.memo_put(img.source, src_digest, _options_key(opts), img.digest)
+        _remember(memo, [(i.source, i.status, i.digest) for i in report.images], checked, resolved, options)
         deleted: list[str] = []
         kept: list[Deletion] = []
         if args.delete and report.ok:
@@ -130,6 +138,26 @@ def sync(args: argparse.Namespace) -> int:
             print(f"Error: {img.source} -> {img.destination}: {img.error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _remember(
+    memo: SqliteBlobLocations | None,
+    images: list[tuple[str, str, str]],
+    checked: Any,
+    resolved: list[Any],
+    options: Any,
+) -> None:
+    """Record what each source digest became at the destination, so the next sync needs only HEADs.
+
+    Also when the plan found the copy already there (e.g. after the cache was lost).
+    """
+    if memo is None:
+        return
+    for source, status, digest in images:
+        src_digest = checked.source_digests.get(source)
+        if status in ("done", "up-to-date") and src_digest and digest:
+            opts = next((r.options for r in resolved if r.source == source and r.options), options)
+            memo.memo_put(source, src_digest, _options_key(opts), digest)
 
 
 def _dry_run(plan: Plan, unchanged: list[Any], deletions: list[Any], failures: list[tuple[str, str, str]]) -> int:

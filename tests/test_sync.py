@@ -756,3 +756,22 @@ def test_sync_on_celery_workers_gives_the_same_destination(
     embedded = registry_state(registry2, f"{ns}-embedded/")
     assert set(embedded) == {"app", "multi", "secure"} and len(embedded["app"]) == 4  # v1-v3, the signature
     assert registry_state(registry2, f"{ns}-queued/") == embedded, proc.stderr
+
+
+def test_sync_on_celery_workers_deletes_after_the_job(
+    registry: RegistryServer, registry2: RegistryServer, unique_repo: str, cache: Path, queue_workers: str
+) -> None:
+    """``--delete`` with ``--queue --wait`` runs once the job has succeeded, exactly as on the embedded executor."""
+    ns = unique_repo
+    repo = f"{ns}/app"
+    app = images(repo, ["v1", "v2"])
+    push_all(registry, repo, app)
+    args = ("--src", "docker", "--dest", "docker", *INSECURE, "--remove-signatures")
+    src, dst = f"{registry.host}/{repo}", f"{registry2.host}/{ns}-dst"
+    sync(*args, src, dst, "--queue", queue_workers, "--wait", cache=cache)
+    assert set(tag_digests(registry2, f"{ns}-dst/app")) == {"v1", "v2"}
+
+    untag(registry, repo, "v1")
+    proc = sync(*args, "--delete", src, dst, "--queue", queue_workers, "--wait", cache=cache)
+    assert "1 tag(s) deleted" in proc.stderr, proc.stderr
+    assert set(tag_digests(registry2, f"{ns}-dst/app")) == {"v2"}
