@@ -717,6 +717,58 @@ def test_cancel_running_job_writes_no_tag(
     assert status["state"] == "cancelled" and [i["status"] for i in status["images"]] == ["cancelled"]
 
 
+def test_early_finalizer_waits_for_every_blob(
+    workers: Workers,
+    registry: RegistryServer,
+    registry2: RegistryServer,
+    queue: str,
+    producer_env: dict[str, str],
+    state: SharedState,
+    unique_repo: str,
+) -> None:
+    """A finalizer that runs before the image's blobs are done (a chord fired early, e.g. by a task delivered
+    twice) writes nothing: it waits, and the tag appears only once everything it points to exists."""
+    from worker.celery_app import make_app
+
+    img = build_image(f"dist-early/{unique_repo}", layers=[4096, 8192])
+    push_image(registry.url, unique_repo, "v1", img)
+    config = str(img.config_digest)
+    store = f"docker://{registry2.host}"
+    lock = state.acquire_lock(store, config, ttl=120)  # the config blob stays "being uploaded elsewhere"
+    assert lock is not None
+    try:
+        mark = registry2.log_mark()
+        proc = ferry(
+            "copy", *INSECURE, "--queue", queue,
+            f"docker://{registry.host}/{unique_repo}:v1", f"docker://{registry2.host}/{unique_repo}:v1",
+            env=producer_env,
+        )  # fmt: skip
+        job = proc.stdout.strip()
+        (image_id,) = state.images(job)
+        # the finalizer, early: sent by hand while the config blob cannot be done
+        app = make_app(queue)
+        app.send_task("ferry.finalize_image", args=[job, image_id], queue="ferry.meta")
+        wait_for(
+            "the early finalizer to run and wait",
+            lambda: "early" in workers.logs() and "blob(s) not done" in workers.logs(),
+            timeout=30,
+        )
+        assert httpx.get(f"{registry2.url}/v2/{unique_repo}/manifests/v1").status_code == 404
+        log = registry2.access_log(since=mark)
+        assert not [e for e in log if e.method == "PUT" and "/manifests/" in e.path]
+        assert state.image(job, image_id)["status"] != "done"
+    finally:
+        state.release_lock(store, config, lock)
+    assert job_wait(job, queue, producer_env, workers) == 0, workers.logs()
+    assert_copied(registry2, unique_repo, "v1", img)
+    wait_idle(queue)
+    # the manifest was written once everything existed (the early finalizer and the chord's may both write it:
+    # a PUT of the same bytes is idempotent)
+    log = registry2.access_log(since=mark)
+    puts = [e for e in log if e.method == "PUT" and "/manifests/" in e.path]
+    assert 1 <= len(puts) <= 2
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # a worker dies mid-transfer
 

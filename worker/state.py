@@ -13,6 +13,7 @@ Keys (all under ``ferry:``)::
     job:{id}:images           hash   image id -> JSON {source, destination, status, error, digest}
     job:{id}:blobs            hash   step id -> JSON {digest, size, status, action, bytes, attempts, error}
     job:{id}:manifests        hash   image id -> JSON list of the image's manifest steps (finalizer input)
+    job:{id}:image_blobs      hash   image id -> JSON list of the image's blob step ids
     job:{id}:cancel           string set when the job is cancelled
     loc:{store}:{digest}      zset   repositories holding the blob -> last seen
     lock:{store}:{digest}     string in-flight upload lock (token), with expiry
@@ -126,6 +127,7 @@ class SharedState:
         if blobs:
             pipe.hset(f"{key}:blobs", mapping=cast(Any, blobs))
         manifests = {}
+        image_blobs = {}
         for img in plan.images:
             steps = []
             for sid in img.steps:
@@ -135,10 +137,12 @@ class SharedState:
                     d["raw"] = step.raw.decode()
                     steps.append(d)
             manifests[img.id] = json.dumps(steps)
+            image_blobs[img.id] = json.dumps([sid for sid in img.steps if sid in blobs])
         if manifests:
             pipe.hset(f"{key}:manifests", mapping=cast(Any, manifests))
+            pipe.hset(f"{key}:image_blobs", mapping=cast(Any, image_blobs))
         pipe.zadd(f"{PREFIX}jobs", {job_id: now})
-        for suffix in ("", ":plan", ":images", ":blobs", ":manifests"):
+        for suffix in ("", ":plan", ":images", ":blobs", ":manifests", ":image_blobs"):
             pipe.expire(key + suffix, JOB_TTL)
         pipe.execute()
         return job_id
@@ -170,6 +174,19 @@ class SharedState:
         """One blob record (a single HGET: tasks must not read the whole table, which grows with the job)."""
         raw = self.r.hget(f"{PREFIX}job:{job_id}:blobs", step_id)
         return cast(dict[str, Any], json.loads(cast(str, raw))) if raw else {}
+
+    def unfinished_blobs(self, job_id: str, image_id: str) -> list[str]:
+        """Step ids of the image's blobs not yet done (a few HMGET fields, whatever the job's size)."""
+        raw = self.r.hget(f"{PREFIX}job:{job_id}:image_blobs", image_id)
+        step_ids: list[str] = json.loads(cast(str, raw)) if raw else []
+        if not step_ids:
+            return []
+        records = cast(list[str | None], self.r.hmget(f"{PREFIX}job:{job_id}:blobs", step_ids))
+        return [
+            sid
+            for sid, rec in zip(step_ids, records, strict=True)
+            if not rec or json.loads(rec).get("status") != "done"
+        ]
 
     def image(self, job_id: str, image_id: str) -> dict[str, Any]:
         raw = self.r.hget(f"{PREFIX}job:{job_id}:images", image_id)

@@ -225,6 +225,12 @@ def finalize_image(self: Task, job_id: str, image_id: str) -> dict[str, Any]:
     record = state.image(job_id, image_id)
     if state.cancelled(job_id) or record.get("status") in ("failed", "cancelled"):
         return {"image": image_id, "status": record.get("status", "cancelled")}
+    unfinished = state.unfinished_blobs(job_id, image_id)
+    if unfinished:
+        # the chord fired early (a blob task delivered twice counts twice): never write a manifest,
+        # let alone a tag, before everything it points to exists; look again shortly
+        log.warning("finalizer of %s/%s early: %d blob(s) not done; waiting", job_id, image_id, len(unfinished))
+        raise self.retry(countdown=2.0, max_retries=None)
     steps = [ManifestStep(**s) for s in _manifest_steps(job_id, image_id)]
     ctx = _context(job_id)
     try:
