@@ -114,7 +114,7 @@ class Measurement:
 
 
 def _kill_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
 
 
@@ -141,6 +141,11 @@ def run_measured(argv: list[str], env: dict[str, str], log_path: Path, timeout: 
         watchdog.start()
         try:
             _pid, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            # Ctrl-C, SIGTERM or an error while waiting: never leave the command running
+            _kill_group(proc.pid)
+            proc.wait()
+            raise
         finally:
             watchdog.cancel()
         wall = time.perf_counter() - start
@@ -284,14 +289,16 @@ def check_disk(work: Path, sizes: list[int]) -> None:
         raise SystemExit(f"{work}: {human_size(free)} free, the benchmark needs about {human_size(need)}")
 
 
-def machine_info(bins: dict[str, str]) -> dict[str, Any]:
-    def first_line(argv: list[str]) -> str:
-        try:
-            out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False).stdout
-        except OSError:
-            return "?"
-        return out.strip().splitlines()[0] if out.strip() else "?"
+def first_line(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False).stdout
+    except OSError:
+        return "?"
+    return out.strip().splitlines()[0] if out.strip() else "?"
 
+
+def base_machine_info() -> dict[str, Any]:
+    """CPU, memory, kernel, Python and Ferry's version: what every benchmark records of the machine."""
     mem_kib = 0
     with contextlib.suppress(OSError), open("/proc/meminfo") as f:
         for line in f:
@@ -316,9 +323,15 @@ def machine_info(bins: dict[str, str]) -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "ferry": ferry_version,
+        "registry": first_line([REGISTRY_BIN, "--version"]),
+    }
+
+
+def machine_info(bins: dict[str, str]) -> dict[str, Any]:
+    return {
+        **base_machine_info(),
         "skopeo": first_line([bins["skopeo"], "--version"]),
         "curl": " ".join(first_line([bins["curl"], "--version"]).split()[:2]),
-        "registry": first_line([REGISTRY_BIN, "--version"]),
         "rss_method": "GNU time (wait4 of its child)" if GNU_TIME else "os.wait4 of a direct child (upper bound)",
     }
 

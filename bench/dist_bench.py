@@ -38,15 +38,12 @@ import contextlib
 import datetime as dt
 import json
 import os
-import platform
 import re
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,10 +52,18 @@ from typing import Any
 import redis
 import yaml
 
-from bench.copy_bench import GNU_TIME, human_size, parse_size, parse_sizes, process_cpu_s
+from bench.copy_bench import (
+    base_machine_info,
+    first_line,
+    human_size,
+    parse_size,
+    parse_sizes,
+    process_cpu_s,
+    run_measured,
+)
 from tests.harness.images import Image, StreamLayer, blob_exists, build_image, fetch_manifest, make_stream_layer
 from tests.harness.images import push_image as harness_push_image
-from tests.harness.servers import REGISTRY_BIN, RedisServer, RegistryServer, start_redis, start_registry, stop_all
+from tests.harness.servers import RedisServer, RegistryServer, start_redis, start_registry, stop_all
 from tests.harness.workers import FERRY_BIN, WorkerProcess, start_worker, stop_all_workers
 from worker.registry import Digest
 
@@ -129,60 +134,7 @@ def machine_cpu_ticks() -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# measuring one command
-
-
-@dataclass
-class Measurement:
-    wall_s: float
-    maxrss_kib: int
-    user_s: float
-    sys_s: float
-    exit_code: int
-
-
-def _kill_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-
-
-def run_measured(argv: list[str], env: dict[str, str], log_path: Path, timeout: float) -> Measurement:
-    """Run ``argv`` to completion in its own process group, output appended to ``log_path``.
-
-    Like ``bench.copy_bench.run_measured`` (GNU ``time`` reports the command's own rusage), but the command's
-    process group is killed when anything interrupts the wait (Ctrl-C, SIGTERM, an error), not left running.
-    """
-    stats = log_path.with_name("time.out")
-    timed = [GNU_TIME, "-f", "%M %U %S", "-o", str(stats), *argv] if GNU_TIME else argv
-    with open(log_path, "ab") as log:
-        log.write(f"\n$ {' '.join(argv)}\n".encode())
-        log.flush()
-        start = time.perf_counter()
-        proc = subprocess.Popen(
-            timed, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-        watchdog = threading.Timer(timeout, _kill_group, (proc.pid,))
-        watchdog.start()
-        try:
-            _pid, status, usage = os.wait4(proc.pid, 0)
-        except BaseException:
-            _kill_group(proc.pid)
-            proc.wait()
-            raise
-        finally:
-            watchdog.cancel()
-        wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    maxrss, user, sys_ = usage.ru_maxrss, usage.ru_utime, usage.ru_stime
-    if GNU_TIME and stats.exists():
-        fields = stats.read_text().strip().splitlines()[-1].split()
-        maxrss, user, sys_ = int(fields[0]), float(fields[1]), float(fields[2])
-        stats.unlink()
-    return Measurement(wall_s=wall, maxrss_kib=maxrss, user_s=user, sys_s=sys_, exit_code=proc.returncode)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# the image set
+# the image set (commands are measured with bench.copy_bench.run_measured)
 
 
 @dataclass
@@ -566,40 +518,15 @@ def render_table(cases: list[Case], images: ImageSet) -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    mem_kib = 0
-    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                mem_kib = int(line.split()[1])
-    cpu = "?"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-
-    def first_line(argv: list[str]) -> str:
-        try:
-            out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False).stdout
-        except OSError:
-            return "?"
-        return out.strip().splitlines()[0] if out.strip() else "?"
-
     try:
         from importlib.metadata import version
 
-        ferry_version, celery_version = version("ferry"), version("celery")
+        celery_version = version("celery")
     except Exception:
-        ferry_version = celery_version = "?"
+        celery_version = "?"
     return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu": cpu,
-        "mem_total_gib": round(mem_kib / (1 << 20), 1),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "ferry": ferry_version,
+        **base_machine_info(),
         "celery": celery_version,
-        "registry": first_line([REGISTRY_BIN, "--version"]),
         "redis": first_line(["/usr/bin/redis-server", "--version"]),
     }
 
