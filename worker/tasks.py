@@ -81,9 +81,14 @@ def _source_sides(options_json: str) -> dict[str, SideConfig]:
     return out
 
 
+@lru_cache(maxsize=256)
+def _job_options(job_id: str) -> str:
+    """A job's options never change once it is created: read them once per worker process."""
+    return str(_state().r.hget(f"ferry:job:{job_id}", "options") or "{}")
+
+
 def _context(job_id: str) -> EngineContext:
-    job = _state().job(job_id)
-    options = job.get("options", "{}")
+    options = _job_options(job_id)
     src, dest = _sides(options)
     return EngineContext(
         source_side=src, dest_side=dest, source_sides=dict(_source_sides(options)), locations=_state(), pool=_pool()
@@ -204,7 +209,7 @@ def copy_blob(
         # every temporary failure counts, wherever it happened (HEAD, mount or transfer)
         failures = int(state.update_blob(job_id, step_id, status="retrying", error=error).get("failures", 0)) + 1
         state.update_blob(job_id, step_id, failures=failures)
-        limit = int(json.loads(state.job(job_id).get("options", "{}")).get("task_retries", DEFAULT_TASK_RETRIES))
+        limit = int(json.loads(_job_options(job_id)).get("task_retries", DEFAULT_TASK_RETRIES))
         if is_temporary(exc) and failures <= limit and not ctx.cancel.is_set():
             countdown = getattr(exc, "retry_after", None) or min(60.0, 2.0**failures) * random.uniform(0.5, 1.0)
             raise self.retry(countdown=countdown, max_retries=None) from exc
