@@ -218,6 +218,12 @@ def submit(
     return job, proc
 
 
+def enqueue_copy(source: str, destination: str, queue: str, env: dict[str, str]) -> str:
+    """``ferry copy --queue`` without ``--wait``: the job id it prints."""
+    proc = ferry("copy", *INSECURE, "--queue", queue, source, destination, env=env)
+    return proc.stdout.strip()
+
+
 def job_status(job: str, queue: str, env: dict[str, str]) -> dict[str, Any]:
     out = ferry("job", "status", job, "--json", "--queue", queue, env=env, timeout=30)
     result: dict[str, Any] = json.loads(out.stdout)
@@ -691,12 +697,9 @@ def test_cancel_running_job_writes_no_tag(
     assert lock is not None
     try:
         mark = registry2.log_mark()
-        proc = ferry(
-            "copy", *INSECURE, "--queue", queue,
-            f"docker://{registry.host}/{src_repo}:v1", f"docker://{registry2.host}/{dest_repo}:v1",
-            env=producer_env,
-        )  # fmt: skip
-        job = proc.stdout.strip()
+        job = enqueue_copy(
+            f"docker://{registry.host}/{src_repo}:v1", f"docker://{registry2.host}/{dest_repo}:v1", queue, producer_env
+        )
         wait_for("the big blob's transfer to start", lambda: blob_record(state, job, big).get("status") == "running")
         assert state.job(job)["state"] == "running"
 
@@ -738,12 +741,12 @@ def test_early_finalizer_waits_for_every_blob(
     assert lock is not None
     try:
         mark = registry2.log_mark()
-        proc = ferry(
-            "copy", *INSECURE, "--queue", queue,
-            f"docker://{registry.host}/{unique_repo}:v1", f"docker://{registry2.host}/{unique_repo}:v1",
-            env=producer_env,
-        )  # fmt: skip
-        job = proc.stdout.strip()
+        job = enqueue_copy(
+            f"docker://{registry.host}/{unique_repo}:v1",
+            f"docker://{registry2.host}/{unique_repo}:v1",
+            queue,
+            producer_env,
+        )
         (image_id,) = state.images(job)
         # the finalizer, early: sent by hand while the config blob cannot be done
         app = make_app(queue)
@@ -787,12 +790,9 @@ def test_sigkilled_worker_task_is_redone_by_the_other(
     dest_repo = f"test/dist-kill-{uuid.uuid4().hex[:8]}"
     big = str(img.layers[0].digest)
     mark = registry2.log_mark()
-    proc = ferry(
-        "copy", *INSECURE, "--queue", queue,
-        f"docker://{registry.host}/{src_repo}:v1", f"docker://{registry2.host}/{dest_repo}:v1",
-        env=producer_env,
-    )  # fmt: skip
-    job = proc.stdout.strip()
+    job = enqueue_copy(
+        f"docker://{registry.host}/{src_repo}:v1", f"docker://{registry2.host}/{dest_repo}:v1", queue, producer_env
+    )
 
     def first_patch() -> bool:
         return any(

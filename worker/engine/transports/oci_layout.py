@@ -223,6 +223,13 @@ class _DirReader:
         pass
 
 
+def _check_location(path: str, ref: str | None) -> None:
+    if not path:
+        raise InvalidReference("invalid OCI reference: empty path")
+    if ref is not None:
+        validate_ref_name(ref)
+
+
 class OCILayoutSource(ImageSource):
     """Read images from an OCI layout: ``oci:PATH[:REF]``.
 
@@ -239,10 +246,7 @@ class OCILayoutSource(ImageSource):
         reader: LayoutReader | None = None,
         description: str | None = None,
     ) -> None:
-        if not path:
-            raise InvalidReference("invalid OCI reference: empty path")
-        if ref is not None:
-            validate_ref_name(ref)
+        _check_location(path, ref)
         self.path = path
         self.ref = ref
         self.description = description or _spec("oci", path, ref)
@@ -328,10 +332,7 @@ class OCILayoutDestination(ImageDestination):
         shared_blob_dir: str | None = None,
         description: str | None = None,
     ) -> None:
-        if not path:
-            raise InvalidReference("invalid OCI reference: empty path")
-        if ref is not None:
-            validate_ref_name(ref)
+        _check_location(path, ref)
         self.path = path
         self.ref = ref
         self.description = description or _spec("oci", path, ref)
