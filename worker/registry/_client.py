@@ -65,6 +65,8 @@ MONOLITHIC_LIMIT = 4 * 1024 * 1024
 #: Streamed uploads send PATCH requests of at most this many bytes.
 DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024
 READ_CHUNK = 1024 * 1024
+#: a tag list or catalog longer than this is refused (it is held in memory whole)
+MAX_LISTED = 1_000_000
 USER_AGENT = "ferry/0.1"
 
 
@@ -125,6 +127,8 @@ class ClientOptions:
     #: an httpx transport, for the few faults a real registry cannot be made to produce
     transport: httpx.BaseTransport | None = None
     gate: RequestGate | None = None
+    #: tag list and catalog pagination stops with an error after this many pages
+    max_pages: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,27 @@ class Manifest:
         if not isinstance(obj, dict):
             raise ManifestError(f"malformed manifest {self.digest}: not a JSON object")
         return obj
+
+
+#: with --tls-verify=false, the scheme each host answered on (per process: every client to the host shares it)
+_SCHEMES: dict[str, tuple[str, float]] = {}
+_SCHEMES_LOCK = threading.Lock()
+#: a learnt scheme is probed again after this many seconds (a registry may move to TLS)
+SCHEME_TTL = 600.0
+
+
+def _learnt_scheme(host: str) -> str | None:
+    with _SCHEMES_LOCK:
+        entry = _SCHEMES.get(host)
+    if entry is None or time.monotonic() - entry[1] > SCHEME_TTL:
+        return None
+    return entry[0]
+
+
+def _learn_scheme(host: str, base: str) -> str:
+    with _SCHEMES_LOCK:
+        _SCHEMES[host] = (base, time.monotonic())
+    return base
 
 
 def translate_transport_error(exc: httpx.HTTPError, host: str) -> FerryError:
@@ -287,21 +312,46 @@ class RegistryClient:
             # the first request to a host: a dropped connection here is as temporary as anywhere else
             self.options.retry.run(lambda: self._send_raw("GET", https + "/v2/"))
             return https
+        learnt = _learnt_scheme(self.host)
+        if learnt is not None:
+            return learnt
         try:
-            self._send_raw("GET", https + "/v2/")
-            return https
+            self._send_raw("GET", https + "/v2/").close()
+            return _learn_scheme(self.host, https)
         except (TLSError, ConnectionFailed) as exc:
             https_error = exc
         # --tls-verify=false: like containers/image, fall back to plain HTTP -- if it answers like a registry;
         # otherwise (e.g. an HTTPS-only server answering 400 to plain HTTP) the HTTPS failure is the real one.
+        # Its answers are classified like any other: a 503, a 429 or a reset is retried, and if it lasts it is
+        # reported as the temporary failure it is, never as "not a registry" (a permanent TLS error).
         http = f"http://{self.host}"
+        what = f"checking {self.registry} over plain HTTP"
+
+        def probe_http() -> int:
+            resp = self._send_raw("GET", http + "/v2/")
+            try:
+                resp.read()
+            except httpx.HTTPError as exc:
+                raise translate_transport_error(exc, self.host) from exc
+            finally:
+                resp.close()
+            error = registry_error(resp, what)
+            if is_temporary(error):
+                raise error
+            return resp.status_code
+
         try:
-            resp = self.options.retry.run(lambda: self._send_raw("GET", http + "/v2/"))
-        except NetworkError:
+            status = self.options.retry.run(probe_http)
+        except RegistryError:
+            raise
+        except NetworkError as exc:
+            if isinstance(https_error, TLSError) and is_temporary(exc):
+                # something answered in plain text on this port: its failing now is temporary
+                raise ConnectionFailed(f"{exc} (after the TLS handshake failed: {https_error})") from None
             raise https_error from None
-        if resp.status_code not in (200, 401):
+        if status not in (200, 401):
             raise https_error
-        return http
+        return _learn_scheme(self.host, http)
 
     def _send_raw(
         self,
@@ -495,17 +545,25 @@ class RegistryClient:
         )
 
     def _paginate(self, path: str, key: str, scopes: list[str], what: str, page_size: int | None) -> list[str]:
+        """Follow ``Link: rel="next"`` to the end; a registry whose pages never end or loop gets an error."""
         out: list[str] = []
         url: str | None = path + (f"?n={page_size}" if page_size else "")
         seen: set[str] = set()
-        while url and url not in seen:
-            seen.add(url)
+        while url:
+            if len(seen) >= self.options.max_pages:
+                raise RegistryError(f"{what}: more than {self.options.max_pages} pages; giving up")
+            absolute = url if "://" in url else self.base_url + url
+            if absolute in seen:
+                raise RegistryError(f"{what}: the registry links back to a page it already sent ({url})")
+            seen.add(absolute)
             resp = self._request("GET", url, scopes=scopes, what=what)
             try:
                 body = json.loads(resp.content)
             except ValueError:
                 raise RegistryError(f"{what}: the registry sent malformed JSON") from None
             out.extend(body.get(key) or [])
+            if len(out) > MAX_LISTED:
+                raise RegistryError(f"{what}: more than {MAX_LISTED} entries; giving up")
             url = _next_link(resp.headers.get("link"), self.base_url + path)
         return out
 
