@@ -223,8 +223,10 @@ def test_upload_digest_mismatch_commits_nothing(registry: RegistryServer, unique
     assert info.value.actual == Digest.of(data)
     assert not client.blob_exists(unique_repo, claimed.digest)
     assert not client.blob_exists(unique_repo, Digest.of(data))
-    # the upload was never closed with a PUT ?digest=
-    assert registry.count("PUT", r".*", since=mark) == 0
+    # no PUT ?digest= succeeded: a small blob's streamed PUT was cut short before its last bytes
+    assert not [e for e in registry.access_log(mark) if e.method == "PUT" and e.status in (201, 204)]
+    if chunked:
+        assert registry.count("PUT", r".*", since=mark) == 0
     assert registry.count("DELETE", r"/v2/.+/blobs/uploads/.+", since=mark) == 1
 
 

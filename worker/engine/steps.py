@@ -151,34 +151,50 @@ def blob_store(step: BlobStep) -> str:
 
 
 def existing_blob(ctx: EngineContext, step: BlobStep) -> BlobResult | None:
-    """Skip the blob when the destination has it, or mount it from a repository known to hold it."""
+    """Skip the blob when the destination has it, or mount it from a repository known to hold it.
+
+    Requests go only where they can tell something new. When this plan already put the blob into another
+    repository of the same registry (``mount_from``), or source and destination share a registry, a mount
+    answers both questions at once (``201`` also when the repository has the blob), so no HEAD is sent
+    first. Otherwise one HEAD, then mounts from repositories the location map knows.
+    """
     desc = step.descriptor
     dest_name = ImageName.parse(step.destination)
     dest = ctx.destination(step.destination)
     store, repo = _store_of(dest_name)
     retry = ctx.retry_policy()
 
-    def exists() -> bool:
-        return retry.run(lambda: dest.blob_exists(desc))
+    def mount(other: str) -> bool:
+        try:
+            if retry.run(lambda: dest.mount_blob(desc, other)):
+                ctx.locations.add(store, step.digest, repo)
+                return True
+        except FerryError as exc:
+            log.info("mount of %s from %s refused (%s); uploading", step.digest, other, exc)
+        return False
 
-    if exists():
+    tried: set[str] = set()
+    if repo:
+        sure = [step.mount_from] if step.mount_from else []
+        src_name = ImageName.parse(step.source)
+        if src_name.reference is not None and _store_of(src_name)[0] == store:
+            # same registry on both sides: mount straight from the source repository
+            sure.append(src_name.reference.repository)
+        for other in sure:
+            if other not in tried and other != repo:
+                tried.add(other)
+                if mount(other):
+                    return BlobResult("mounted")
+    if retry.run(lambda: dest.blob_exists(desc)):
         if repo:
             ctx.locations.add(store, step.digest, repo)
         return BlobResult("skipped")
     if repo:
-        candidates = [step.mount_from] if step.mount_from else []
-        src_name = ImageName.parse(step.source)
-        if src_name.reference is not None and _store_of(src_name)[0] == store:
-            # same registry on both sides: mount straight from the source repository
-            candidates.append(src_name.reference.repository)
-        candidates += [r for r in ctx.locations.where(store, step.digest) if r not in candidates and r != repo]
-        for other in candidates:
-            try:
-                if retry.run(lambda other=other: dest.mount_blob(desc, other)):  # type: ignore[misc]
-                    ctx.locations.add(store, step.digest, repo)
+        for other in ctx.locations.where(store, step.digest):
+            if other not in tried and other != repo:
+                tried.add(other)
+                if mount(other):
                     return BlobResult("mounted")
-            except FerryError as exc:
-                log.info("mount of %s from %s refused (%s); uploading", step.digest, other, exc)
     return None
 
 

@@ -78,6 +78,10 @@ class RequestGate(Protocol):
     def on_throttled(self, host: str, retry_after: float) -> None: ...
 
 
+#: set while a ``RetryPolicy.run`` is retrying on this thread: requests inside it are tried once each
+_retry_scope = threading.local()
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How many times to retry temporary failures, and how long to wait (``--retry-times``/``--retry-delay``)."""
@@ -97,6 +101,21 @@ class RetryPolicy:
         return random.uniform(0, min(self.maximum, self.initial * (2 ** max(attempt - 1, 0))))
 
     def run(self, fn: Callable[[], T]) -> T:
+        """Call ``fn``, retrying temporary failures; inside another ``run`` on this thread, call it once.
+
+        Retries never nest: the outermost ``run`` (a step: an existence check, a mount, a whole transfer, a
+        manifest push; or a single request outside any step) owns the one budget of ``times`` retries, and
+        the requests it makes are not retried again on their own.
+        """
+        if getattr(_retry_scope, "active", False):
+            return fn()
+        _retry_scope.active = True
+        try:
+            return self._retrying(fn)
+        finally:
+            _retry_scope.active = False
+
+    def _retrying(self, fn: Callable[[], T]) -> T:
         def wait(state: tenacity.RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
             return self.wait_seconds(state.attempt_number, exc)
@@ -273,6 +292,7 @@ class RegistryClient:
         self._http = self._make_http()
         self.auth = Authenticator(self.host, credentials, lambda: self._http)
         self.requests_sent = 0
+        self._no_referrers = False
 
     def _make_http(self) -> httpx.Client:
         opts = self.options
@@ -728,11 +748,9 @@ class RegistryClient:
         what = f"uploading blob {desc.digest} to {self.registry}/{repo}"
         try:
             if 0 <= desc.size <= min(MONOLITHIC_LIMIT, self.options.chunk_size):
-                body = bytearray()
-                for chunk in verified:
-                    body.extend(chunk)
-                if progress:
-                    progress(len(body))
+                # One PUT whose body is the verified stream itself (never gathered): the stream raises before
+                # its last chunk when the digest or size is wrong, so the registry sees a body shorter than
+                # Content-Length and commits nothing.
                 self._request(
                     "PUT",
                     location,
@@ -740,8 +758,8 @@ class RegistryClient:
                     scopes=self._push(repo),
                     what=what,
                     ok=(201, 204),
-                    headers={"Content-Type": "application/octet-stream"},
-                    content=bytes(body),
+                    headers={"Content-Type": "application/octet-stream", "Content-Length": str(desc.size)},
+                    content=_counting(iter(verified), progress),
                     retry=False,
                 )
                 return
@@ -807,7 +825,13 @@ class RegistryClient:
     # -- referrers (OCI 1.1) ---------------------------------------------------------------------------------------
 
     def referrers(self, repo: str, digest: Digest) -> list[Descriptor] | None:
-        """Descriptors of manifests whose ``subject`` is ``digest``; ``None`` when the registry lacks the API."""
+        """Descriptors of manifests whose ``subject`` is ``digest``; ``None`` when the registry lacks the API.
+
+        A registry with the API never answers 404 (OCI distribution 1.1): after a 404 or 405 the client
+        asks no more.
+        """
+        if self._no_referrers:
+            return None
         resp = self._request(
             "GET",
             f"/v2/{repo}/referrers/{digest}",
@@ -817,6 +841,7 @@ class RegistryClient:
             headers={"Accept": "application/vnd.oci.image.index.v1+json"},
         )
         if resp.status_code != 200:
+            self._no_referrers = True
             return None
         ctype = resp.headers.get("content-type", "")
         if "application/vnd.oci.image.index.v1+json" not in ctype:

@@ -6,6 +6,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+
 from worker.registry import (
     ClientOptions,
     Credentials,
@@ -67,6 +69,8 @@ class SideConfig:
     chunk_size: int | None = None
     #: shared throttling across processes (the workers back it with Redis)
     gate: RequestGate | None = None
+    #: an httpx transport for every client of this side (tests: faults a real registry cannot produce)
+    transport: httpx.BaseTransport | None = None
 
     def client_options(self) -> ClientOptions:
         opts = ClientOptions(
@@ -74,6 +78,7 @@ class SideConfig:
             cert_dir=self.cert_dir,
             retry=self.retry,
             gate=self.gate,
+            transport=self.transport,
         )
         if self.chunk_size:
             opts.chunk_size = self.chunk_size
