@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import distributed, sync_cmd
 
     sync_cmd.add_parsers(sub, verb)
+    from . import lifecycle_cmd
+
+    lifecycle_cmd.add_parsers(sub, verb)
     distributed.add_parsers(sub, verb)
     return parser
 

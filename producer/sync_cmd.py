@@ -10,7 +10,7 @@ from typing import Any
 
 from worker.engine.blobcache import SqliteBlobLocations
 from worker.engine.executor import ImageOutcome, Report
-from worker.engine.plan import Plan, plan_copy
+from worker.engine.plan import CopyOptions, Plan, plan_copy
 from worker.engine.sync import (
     Deletion,
     SyncRequest,
@@ -21,35 +21,24 @@ from worker.engine.sync import (
     plan_deletions,
     resolve_changed,
 )
+from worker.engine.verify import VerifyReport
 from worker.registry import InvalidInput
 
 from .copy_cmd import EXIT_INTERRUPTED, add_copy_flags, copy_options, engine_context, queue_url, run_embedded
+from .options import add_bool
 from .progress import human_bytes, summary_line
 
 
-def add_parsers(sub: Any, verb: Callable[..., argparse.ArgumentParser]) -> None:
-    p = verb("sync", sync, "Synchronize images between registries, directories and OCI layouts")
+def add_addressing_flags(p: argparse.ArgumentParser, dest_kinds: tuple[str, ...] = ("docker", "dir", "oci")) -> None:
+    """How sync (and verify) name sources and destinations: transports, ``--scoped``, ``--append-suffix``."""
     p.add_argument("--src", "-s", required=True, choices=("docker", "yaml", "dir", "oci"), help="SOURCE transport")
-    p.add_argument("--dest", "-d", required=True, choices=("docker", "dir", "oci"), help="DESTINATION transport")
-    from .options import add_bool
-
+    p.add_argument("--dest", "-d", required=True, choices=dest_kinds, help="DESTINATION transport")
     add_bool(p, "--scoped", help="prefix destination images with the full source image path")
     p.add_argument("--append-suffix", default="", metavar="SUFFIX", help="string appended to destination tags")
-    add_bool(p, "--dry-run", help="print what would be copied, skipped and deleted, with sizes; write nothing")
-    add_bool(p, "--keep-going", help="go on past failed images; exit non-zero if any failed")
-    add_bool(p, "--delete", help="delete destination tags the source no longer has (in synced repositories only)")
-    add_copy_flags(p)
-    p.add_argument("source", metavar="SOURCE")
-    p.add_argument("destination", metavar="DESTINATION")
 
 
-def sync(args: argparse.Namespace) -> int:
-    options = copy_options(args)
-    if args.delete and args.dest != "docker":
-        raise InvalidInput("--delete works with --dest docker only")
-    ctx = engine_context(args)
-    memo = ctx.locations if isinstance(ctx.locations, SqliteBlobLocations) else None
-    req = SyncRequest(
+def sync_request(args: argparse.Namespace, options: CopyOptions) -> SyncRequest:
+    return SyncRequest(
         source_kind=args.src,
         source=args.source,
         dest_kind=args.dest,
@@ -59,6 +48,31 @@ def sync(args: argparse.Namespace) -> int:
         append_suffix=args.append_suffix,
         remove_signatures=args.remove_signatures,
     )
+
+
+def add_parsers(sub: Any, verb: Callable[..., argparse.ArgumentParser]) -> None:
+    p = verb("sync", sync, "Synchronize images between registries, directories and OCI layouts")
+    add_addressing_flags(p)
+    add_bool(p, "--dry-run", help="print what would be copied, skipped and deleted, with sizes; write nothing")
+    add_bool(p, "--keep-going", help="go on past failed images; exit non-zero if any failed")
+    add_bool(p, "--delete", help="delete destination tags the source no longer has (in synced repositories only)")
+    add_bool(p, "--verify", help="after the sync, check that the destination is complete (as `ferry verify`)")
+    add_copy_flags(p)
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("destination", metavar="DESTINATION")
+
+
+def sync(args: argparse.Namespace) -> int:
+    options = copy_options(args)
+    if args.delete and args.dest != "docker":
+        raise InvalidInput("--delete works with --dest docker only")
+    if args.verify and args.dest == "dir":
+        raise InvalidInput("--verify reads registries and OCI layouts (--dest docker or oci), not dir")
+    from .lifecycle_cmd import run_verify  # lifecycle_cmd builds on this module's flags
+
+    ctx = engine_context(args)
+    memo = ctx.locations if isinstance(ctx.locations, SqliteBlobLocations) else None
+    req = sync_request(args, options)
     quiet = args.quiet
     try:
         disc = discover(ctx, req)
@@ -84,8 +98,10 @@ def sync(args: argparse.Namespace) -> int:
         if queue:
             from .distributed import submit_plan
 
-            if args.delete and not args.wait:
-                print("Note: --delete needs --wait with --queue (it runs after the job has succeeded)", file=sys.stderr)
+            for flag in ("delete", "verify"):
+                if getattr(args, flag) and not args.wait:
+                    print(f"Note: --{flag} needs --wait with --queue (it runs once the job has ended)", file=sys.stderr)
+            verified: list[VerifyReport] = []
             if any(side.credentials for side in disc.sides.values()):
                 print(
                     "Note: credentials in the sync file are used for planning only; workers use their own.",
@@ -104,8 +120,11 @@ def sync(args: argparse.Namespace) -> int:
                             print(f"Kept {d.destination}: {d.kept_because}", file=sys.stderr)
                     if not quiet:
                         print(f"{len(deleted)} tag(s) deleted", file=sys.stderr)
+                if args.verify:
+                    verified.append(run_verify(args, ctx, req, memo, disc))
 
-            return submit_plan(args, plan, queue, kind="sync", source_sides=disc.sides, on_done=job_done)
+            code = submit_plan(args, plan, queue, kind="sync", source_sides=disc.sides, on_done=job_done)
+            return code or (1 if verified and not verified[0].ok else 0)
         report = run_embedded(args, ctx, plan, quiet, fail_fast=not args.keep_going)
         for item, digest in checked.unchanged:
             outcome = ImageOutcome("", str(item.source), str(item.destination), "up-to-date", digest)
@@ -124,9 +143,10 @@ def sync(args: argparse.Namespace) -> int:
             kept = [d for d in deletions if d.kept_because]
             for d in kept:
                 print(f"Kept {d.destination}: {d.kept_because}", file=sys.stderr)
+        verified_report = run_verify(args, ctx, req, memo, disc) if args.verify and not report.cancelled else None
     finally:
         ctx.close()
-    _outputs(args, report, deleted, kept)
+    _outputs(args, report, deleted, kept, verified_report)
     if not quiet:
         extra = f"; {len(deleted)} tag(s) deleted" if args.delete else ""
         print(summary_line(report) + extra, file=sys.stderr)
@@ -137,7 +157,7 @@ def sync(args: argparse.Namespace) -> int:
         for img in failed:
             print(f"Error: {img.source} -> {img.destination}: {img.error}", file=sys.stderr)
         return 1
-    return 0
+    return 0 if verified_report is None or verified_report.ok else 1
 
 
 def _remember(
@@ -185,11 +205,15 @@ def _dry_run(plan: Plan, unchanged: list[Any], deletions: list[Any], failures: l
     return 1 if failures else 0
 
 
-def _outputs(args: argparse.Namespace, report: Report, deleted: list[str], kept: list[Deletion]) -> None:
+def _outputs(
+    args: argparse.Namespace, report: Report, deleted: list[str], kept: list[Deletion], verified: VerifyReport | None
+) -> None:
     if args.summary_json:
         data = report.to_json()
         data["deleted"] = deleted
         data["kept"] = [{"destination": d.destination, "reason": d.kept_because} for d in kept]
+        if verified is not None:
+            data["verify"] = verified.to_json()
         data["failures"] = [{"source": i.source, "destination": i.destination, "error": i.error} for i in report.failed]
         with open(args.summary_json, "w") as f:
             json.dump(data, f, indent=2)

@@ -88,6 +88,8 @@ class CheckResult:
     failed: list[tuple[SyncItem, str]] = field(default_factory=list)
     #: source digest seen for each changed item, to remember what it became at the destination
     source_digests: dict[str, str] = field(default_factory=dict)
+    #: source digest of every item checked (``verify`` tells a same-digest copy from a remembered conversion)
+    source_heads: dict[str, str] = field(default_factory=dict)
 
 
 # -- naming ------------------------------------------------------------------------------------------------------
@@ -431,6 +433,8 @@ def check(
                 except FerryError as exc:
                     result.failed.append((it, describe_error(exc)))
                     continue
+                if src_digest:
+                    result.source_heads[str(item.source)] = src_digest
                 if up_to_date is not None:
                     result.unchanged.append((item, up_to_date))
                 else:

@@ -62,6 +62,16 @@ class ImageSource(abc.ABC):
         Implementations need not verify; the copier verifies every byte.
         """
 
+    def has_blob(self, desc: Descriptor) -> bool:
+        """True when this location holds the blob (opened and closed unread; a registry answers a HEAD)."""
+        from worker.registry import NotFound
+
+        try:
+            with self.open_blob(desc):
+                return True
+        except NotFound:
+            return False
+
     def list_tags(self) -> list[str]:
         """Tags in this location (repository); transports without tags return ``[]``."""
         return []

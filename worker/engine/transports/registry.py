@@ -36,6 +36,9 @@ class RegistrySource(ImageSource):
     def open_blob(self, desc: Descriptor) -> AbstractContextManager[Iterator[bytes]]:
         return self.client.open_blob(self.repository, desc.digest, desc.size)
 
+    def has_blob(self, desc: Descriptor) -> bool:
+        return self.client.blob_exists(self.repository, desc.digest)
+
     def list_tags(self) -> list[str]:
         return self.client.list_tags(self.repository)
 
