@@ -183,8 +183,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line, with the detail under --debug
         if args.debug:
             traceback.print_exc()
+        lost = _lost_queue(exc)
+        if lost:
+            print(f"Error: {lost}", file=sys.stderr)
+            return EXIT_ERROR
         print(f"Error: internal error: {type(exc).__name__}: {_one_line(str(exc))} (run with --debug)", file=sys.stderr)
         return EXIT_ERROR
+
+
+def _lost_queue(exc: Exception) -> str | None:
+    """A Redis or kombu failure after the queue was first reached (Redis went away): say so, password masked."""
+    module = type(exc).__module__ or ""
+    if not module.startswith(("redis", "kombu")):
+        return None
+    import os
+
+    from worker.redis_url import unreachable
+
+    return unreachable(os.environ.get("FERRY_QUEUE", ""), exc)
 
 
 def _one_line(text: str) -> str:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from worker.engine.plan import BlobStep, ImagePlan, Plan
+from worker.redis_url import masked, unreachable
 from worker.registry import InvalidInput
 
 from .options import add_bool
@@ -21,7 +22,7 @@ EXIT_INTERRUPTED = 130
 
 def _use_queue(url: str) -> None:
     if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise InvalidInput(f"--queue must be a Redis URL (redis://HOST:PORT/DB), got {url!r}")
+        raise InvalidInput(f"--queue must be a Redis URL (redis://HOST:PORT/DB), got {masked(url)!r}")
     os.environ["FERRY_QUEUE"] = url
 
 
@@ -29,11 +30,11 @@ def _state(url: str) -> Any:
     from worker.state import SharedState, connect
 
     _use_queue(url)
-    state = SharedState(connect(url))
     try:
+        state = SharedState(connect(url))
         state.r.ping()
     except Exception as exc:
-        raise InvalidInput(f"cannot reach the queue at {url}: {type(exc).__name__}") from None
+        raise InvalidInput(unreachable(url, exc)) from None
     return state
 
 

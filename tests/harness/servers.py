@@ -947,19 +947,26 @@ class RedisServer:
     port: int
     log_path: Path
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    #: ``requirepass``: when set, :attr:`url` carries it (``redis://:PASSWORD@host:port/0``)
+    password: str | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        return self.url_for(0)
 
     def url_for(self, db: int) -> str:
-        return f"redis://{self.host}:{self.port}/{db}"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/{db}"
 
     def command(self, *args: str) -> bytes:
         """Send one inline command and return the raw first reply line (e.g. ``b"+PONG"``)."""
         with socket.create_connection((self.host, self.port), timeout=2) as s:
+            reader = s.makefile("rb")
+            if self.password:
+                s.sendall(f"AUTH {self.password}\r\n".encode())
+                reader.readline()
             s.sendall((" ".join(args) + "\r\n").encode())
-            return s.makefile("rb").readline().rstrip(b"\r\n")
+            return reader.readline().rstrip(b"\r\n")
 
     def flushall(self) -> None:
         assert self.command("FLUSHALL") == b"+OK"
@@ -970,8 +977,9 @@ class RedisServer:
             self.process = None
 
 
-def start_redis(tmp_dir: Path | str) -> RedisServer:
-    """Start ``redis-server`` on a free 127.0.0.1 port, no RDB/AOF persistence, working dir ``tmp_dir``."""
+def start_redis(tmp_dir: Path | str, *, password: str | None = None) -> RedisServer:
+    """Start ``redis-server`` on a free 127.0.0.1 port, no RDB/AOF persistence, working dir ``tmp_dir``;
+    with ``password``, clients must authenticate (``requirepass``)."""
     root = Path(tmp_dir)
     root.mkdir(parents=True, exist_ok=True)
     log_path = root / "redis.log"
@@ -982,8 +990,10 @@ def start_redis(tmp_dir: Path | str) -> RedisServer:
             REDIS_BIN, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             "--dir", str(root), "--daemonize", "no", "--protected-mode", "no",
         ]  # fmt: skip
+        if password:
+            argv += ["--requirepass", password]
         proc = _spawn(argv, log_path, root)
-        server = RedisServer("127.0.0.1", port, log_path, proc)
+        server = RedisServer("127.0.0.1", port, log_path, proc, password)
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while True:
             if proc.poll() is not None:

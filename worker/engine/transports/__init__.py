@@ -92,20 +92,48 @@ class SideConfig:
         return resolve_credentials(reference.registry, reference.repository, authfile=self.authfile)
 
 
+@dataclass(frozen=True)
+class ClientKey:
+    """Everything a ``RegistryClient`` is built from, compared by value: equal keys may share one client.
+
+    The gate is compared by identity (it is a live object); the key holds it, so its identity cannot be reused.
+    """
+
+    registry: str
+    credentials: Credentials | None
+    tls_verify: bool | None
+    cert_dir: str | None
+    retry: RetryPolicy
+    chunk_size: int | None
+    gate: RequestGate | None
+
+    @classmethod
+    def of(cls, reference: Reference, side: SideConfig) -> ClientKey:
+        return cls(
+            reference.registry,
+            side.credentials_for(reference),
+            side.tls_verify,
+            side.cert_dir,
+            side.retry,
+            side.chunk_size,
+            side.gate,
+        )
+
+
 class ClientPool:
-    """One ``RegistryClient`` per (registry, credentials) so tokens and connections are reused."""
+    """One ``RegistryClient`` per registry and settings (credentials, TLS, retries), so tokens and connections are
+    reused; two sides that differ in anything never share one."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._clients: dict[tuple[str, int], RegistryClient] = {}
+        self._clients: dict[ClientKey, RegistryClient] = {}
 
     def client(self, reference: Reference, side: SideConfig) -> RegistryClient:
-        creds = side.credentials_for(reference)
-        key = (reference.registry, id(side) ^ hash(creds))
+        key = ClientKey.of(reference, side)
         with self._lock:
             c = self._clients.get(key)
             if c is None:
-                c = RegistryClient(reference.registry, credentials=creds, options=side.client_options())
+                c = RegistryClient(reference.registry, credentials=key.credentials, options=side.client_options())
                 self._clients[key] = c
             return c
 
@@ -160,6 +188,7 @@ def open_destination(name: ImageName, side: SideConfig, pool: ClientPool | None 
 
 __all__ = [
     "TRANSPORTS",
+    "ClientKey",
     "ClientPool",
     "ImageDestination",
     "ImageName",
