@@ -13,10 +13,13 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from worker.registry import FerryError
+from worker.registry import FerryError, InvalidInput
 
 from . import verbs
-from .options import add_bool, add_retry_flags, add_side_flags, normalize_argv, value_flags
+from .completion import _verbs
+from .options import BOOL_FLAGS, add_bool, add_retry_flags, add_side_flags, normalize_argv, parse_bool, value_flags
+
+VERSION = "0.1.0"
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -67,13 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ferry",
         description="Move container images between registries, directories and archives; at scale with Celery.",
     )
+    BOOL_FLAGS.add("--tls-verify")
     add_bool(parser, "--debug", help="show debug output and tracebacks")
+    # skopeo's hidden, deprecated global --tls-verify (before the verb): the default for every side
+    parser.add_argument("--tls-verify", dest="global_tls_verify", type=parse_bool, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--user-agent-prefix", metavar="PREFIX", help="prefix to add to the User-Agent sent to registries"
+    )
+    parser.add_argument("--tls-details", metavar="PATH", help=argparse.SUPPRESS)
     add_bool(parser, "--insecure-policy", help="accepted for skopeo compatibility (Ferry does not verify signatures)")
     parser.add_argument("--policy", help=argparse.SUPPRESS)
     parser.add_argument("--registries-conf", help=argparse.SUPPRESS)
     parser.add_argument("--tmpdir", help="directory for temporary files (archives)")
     _platform_overrides(parser)
-    parser.add_argument("--version", action="version", version="ferry 0.1.0")
+    parser.add_argument("--version", "-v", action="version", version=f"ferry version {VERSION}")
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND", parser_class=_Parser)
 
     def verb(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
@@ -91,8 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_retry_flags(p)
     p.add_argument("image", metavar="IMAGE-NAME")
 
+    p = verb("help", lambda a: _help(parser, a.command), "Help about any command")
+    p.add_argument("command", nargs="*", metavar="COMMAND")
+
+    p = verb("completion", _completion, "Generate the autocompletion script for the specified shell")
+    p.add_argument("shell", choices=("bash", "zsh", "fish", "powershell"), metavar="SHELL")
+
     p = verb("list-tags", verbs.list_tags, "List the tags of a repository")
-    add_side_flags(p)
+    add_side_flags(p, docker_only=True)
     add_retry_flags(p)
     p.add_argument("repository", metavar="REPOSITORY-NAME")
 
@@ -134,17 +150,62 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _bool_or_none(text: str) -> bool:
-    from .options import parse_bool
-
     return parse_bool(text)
+
+
+def _help(parser: argparse.ArgumentParser, words: list[str]) -> int:
+    """``ferry help [VERB [SUB]]``: the same text as ``--help`` there."""
+    target = parser
+    for word in words:
+        sub = _verbs(target).get(word)
+        if sub is None:
+            raise InvalidInput(f"unknown help topic {' '.join(words)!r}")
+        target = sub
+    target.print_help()
+    return 0
+
+
+def _completion(args: argparse.Namespace) -> int:
+    from .completion import script
+
+    sys.stdout.write(script(build_parser(), args.shell))
+    return 0
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse as skopeo's pflag would: flags read per verb, and an unknown flag named by itself."""
+    verbs = _verbs(parser)
+    top_values = value_flags(parser, recurse=False)
+    split = len(argv)
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--":
+            break
+        if not word.startswith("-") or word == "-":
+            split = i
+            break
+        i += 2 if word in top_values else 1
+    verb = verbs.get(argv[split]) if split < len(argv) else None
+    words = normalize_argv(argv[:split], top_values)
+    if verb is not None:
+        words.append(argv[split])
+        words += normalize_argv(argv[split + 1 :], value_flags(verb))
+    else:
+        words += argv[split:]
+    args, extras = parser.parse_known_args(words)
+    if extras:
+        target = verb or parser
+        unknown = next((w for w in extras if w.startswith("-") and w != "-"), None)
+        if unknown is not None:
+            target.error(f"unknown flag: {unknown.split('=', 1)[0]}")
+        target.error(f"unexpected argument {extras[0]!r}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    from .options import BOOL_FLAGS
-
-    BOOL_FLAGS.add("--tls-verify")
-    args = parser.parse_args(normalize_argv(list(sys.argv[1:] if argv is None else argv), value_flags(parser)))
+    args = parse_args(parser, list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -159,6 +220,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         os.environ["TMPDIR"] = args.tmpdir
         tempfile.tempdir = None
+    if args.tls_details:
+        print(
+            "Error: --tls-details: Ferry cannot apply a containers-tls-details.yaml file"
+            " (TLS versions and ciphers are OpenSSL's defaults)",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help(sys.stderr)

@@ -19,7 +19,7 @@ from worker.engine.steps import EngineContext
 from worker.engine.transports import ImageName
 from worker.registry import InvalidInput, Platform
 
-from .options import add_bool, add_retry_flags, add_side_flags, side_config
+from .options import add_bool, add_retry_flags, add_shared_authfile, add_side_flags, side_config
 from .progress import make_progress, summary_line
 
 EXIT_INTERRUPTED = 130
@@ -67,8 +67,9 @@ def add_copy_flags(p: argparse.ArgumentParser) -> None:
         help="enqueue on Celery workers through this Redis (default: $FERRY_QUEUE; none: run here)",
     )
     add_bool(p, "--wait", help="with --queue: follow the job until it ends and exit with its outcome")
-    add_side_flags(p, "src-", "the source")
-    add_side_flags(p, "dest-", "the destination")
+    add_shared_authfile(p)
+    add_side_flags(p, "src-", "the source", creds_alias="screds")
+    add_side_flags(p, "dest-", "the destination", creds_alias="dcreds")
     add_retry_flags(p)
 
 
@@ -83,6 +84,8 @@ def add_parsers(sub: Any, verb: Callable[..., argparse.ArgumentParser]) -> None:
 def queue_url(args: argparse.Namespace) -> str | None:
     """``--queue URL``; without it ``$FERRY_QUEUE``; ``--queue ''`` runs here even when the variable is set."""
     url: str | None = args.queue if args.queue is not None else os.environ.get("FERRY_QUEUE")
+    if url and (args.src_registry_token or args.dest_registry_token):
+        raise InvalidInput("--src-registry-token/--dest-registry-token cannot be used with --queue: a token stays here")
     if url and (args.src_no_creds or args.dest_no_creds):
         raise InvalidInput(
             "--src-no-creds/--dest-no-creds cannot be used with --queue: workers use their own credentials"

@@ -14,7 +14,7 @@ from worker.engine.plan import BlobStep, ImagePlan, Plan
 from worker.redis_url import masked, unreachable
 from worker.registry import InvalidInput
 
-from .options import add_bool
+from .options import add_bool, effective_tls_verify, user_agent
 from .progress import human_bytes
 
 EXIT_INTERRUPTED = 130
@@ -46,8 +46,9 @@ def job_options(args: argparse.Namespace, source_sides: dict[str, Any] | None = 
             host: {"tls_verify": side.tls_verify, "cert_dir": side.cert_dir}
             for host, side in (source_sides or {}).items()
         },
-        "src_tls_verify": getattr(args, "src_tls_verify", None),
-        "dest_tls_verify": getattr(args, "dest_tls_verify", None),
+        "src_tls_verify": effective_tls_verify(args, "src-"),
+        "dest_tls_verify": effective_tls_verify(args, "dest-"),
+        "user_agent": user_agent(args),
         "src_cert_dir": getattr(args, "src_cert_dir", None),
         "dest_cert_dir": getattr(args, "dest_cert_dir", None),
         "retry_times": getattr(args, "retry_times", 3),

@@ -39,15 +39,16 @@ def add_bool(
         )
 
 
-def value_flags(parser: argparse.ArgumentParser) -> set[str]:
-    """Every option string, in the parser and its sub-parsers, that takes exactly one value."""
+def value_flags(parser: argparse.ArgumentParser, *, recurse: bool = True) -> set[str]:
+    """Every option string, in the parser (and its sub-parsers), that takes exactly one value."""
     out: set[str] = set()
     stack = [parser]
     while stack:
         p = stack.pop()
         for action in p._actions:
             if isinstance(action, argparse._SubParsersAction):
-                stack.extend(action.choices.values())
+                if recurse:
+                    stack.extend(action.choices.values())
             elif action.option_strings and action.nargs is None and action.option_strings[0] not in BOOL_FLAGS:
                 out.update(action.option_strings)
     return out
@@ -103,12 +104,29 @@ def parse_duration(text: str) -> float:
     return total
 
 
-def add_side_flags(parser: argparse.ArgumentParser, prefix: str = "", what: str = "the registry") -> None:
-    """``--creds``, ``--authfile``, ``--tls-verify`` … with an optional ``src-``/``dest-`` prefix."""
+def add_side_flags(
+    parser: argparse.ArgumentParser,
+    prefix: str = "",
+    what: str = "the registry",
+    creds_alias: str = "",
+    *,
+    docker_only: bool = False,
+) -> None:
+    """``--creds``, ``--authfile``, ``--tls-verify`` … with an optional ``src-``/``dest-`` prefix.
+
+    ``creds_alias`` is skopeo's hidden old spelling (``--screds``/``--dcreds`` on copy).
+    """
     p = f"--{prefix}"
     g = parser.add_argument_group(f"{prefix.rstrip('-') or 'registry'} access")
     g.add_argument(f"{p}authfile", metavar="PATH", help=f"path of the authentication file for {what}")
     g.add_argument(f"{p}creds", metavar="USERNAME[:PASSWORD]", help=f"credentials for {what}")
+    if creds_alias:
+        g.add_argument(f"--{creds_alias}", dest=f"{prefix.replace('-', '_')}creds", help=argparse.SUPPRESS)
+    g.add_argument(
+        f"{p}registry-token",
+        metavar="TOKEN",
+        help=f"a Bearer token sent as is to {what} (and to no other host)",
+    )
     g.add_argument(f"{p}username", metavar="USERNAME", help=f"username for {what}")
     g.add_argument(f"{p}password", metavar="PASSWORD", help=f"password for {what}")
     g.add_argument(f"{p}cert-dir", metavar="PATH", help="use certificates (*.crt, *.cert, *.key) at PATH")
@@ -121,10 +139,20 @@ def add_side_flags(parser: argparse.ArgumentParser, prefix: str = "", what: str 
         metavar="BOOL",
         help="require HTTPS and verify certificates (default true; =false also allows plain HTTP)",
     )
-    if prefix:
-        # skopeo's deprecated spelling
-        g.add_argument(f"--{prefix}daemon-host", help=argparse.SUPPRESS)
-        g.add_argument(f"--{prefix}shared-blob-dir", help=argparse.SUPPRESS)
+    if not docker_only:
+        # docker-daemon: only; refused in side_config (Ferry has no docker-daemon: transport)
+        g.add_argument(f"--{prefix}daemon-host", metavar="HOST", help=argparse.SUPPRESS)
+        g.add_argument(
+            f"--{prefix}shared-blob-dir", metavar="DIRECTORY", help="oci: layouts keep their blobs in DIRECTORY"
+        )
+
+
+def add_shared_authfile(parser: argparse.ArgumentParser) -> None:
+    """copy's and sync's ``--authfile``: both sides, unless ``--src-authfile``/``--dest-authfile`` say otherwise."""
+    parser.add_argument("--authfile", metavar="PATH", help="path of the authentication file for both sides")
+    # skopeo's deprecated ``copy --tls-verify`` (hidden): both sides, unless a prefixed flag says otherwise
+    BOOL_FLAGS.add("--tls-verify")
+    parser.add_argument("--tls-verify", dest="both_tls_verify", type=parse_bool, default=None, help=argparse.SUPPRESS)
 
 
 def add_retry_flags(parser: argparse.ArgumentParser) -> None:
@@ -158,16 +186,47 @@ def side_config(args: argparse.Namespace, prefix: str = "") -> SideConfig:
         if not (username and password):
             raise InvalidInput(f"--{prefix}username and --{prefix}password must be given together")
         credentials = Credentials(username=str(username), password=str(password))
+    if get("daemon_host"):
+        raise InvalidInput(f"--{prefix}daemon-host: Ferry has no docker-daemon: transport")
+    token = get("registry_token")
+    if token is not None:
+        if not str(token):
+            raise InvalidInput(f"--{prefix}registry-token must not be empty")
+        if credentials is not None or get("no_creds"):
+            raise InvalidInput(
+                f"--{prefix}registry-token cannot be used with --{prefix}creds, --{prefix}username"
+                f" or --{prefix}no-creds"
+            )
+        credentials = Credentials(registry_token=str(token))
     retry_times = getattr(args, "retry_times", 3)
     if retry_times is not None and retry_times < 0:
         raise InvalidInput("--retry-times must be 0 or more")
     return SideConfig(
-        tls_verify=get("tls_verify"),  # type: ignore[arg-type]
+        tls_verify=effective_tls_verify(args, prefix),
         cert_dir=get("cert_dir"),  # type: ignore[arg-type]
         credentials=credentials,
-        authfile=get("authfile") or os.environ.get("REGISTRY_AUTH_FILE"),  # type: ignore[arg-type]
+        authfile=get("authfile") or getattr(args, "authfile", None) or os.environ.get("REGISTRY_AUTH_FILE"),  # type: ignore[arg-type]
         no_creds=bool(get("no_creds")),
+        user_agent=user_agent(args),
+        shared_blob_dir=get("shared_blob_dir"),  # type: ignore[arg-type]
         retry=RetryPolicy(
             times=retry_times if retry_times is not None else 3, delay=getattr(args, "retry_delay", None)
         ),
     )
+
+
+def effective_tls_verify(args: argparse.Namespace, prefix: str = "") -> bool | None:
+    """The side's own ``--…tls-verify``, else copy's hidden ``--tls-verify``, else the global one (skopeo's order)."""
+    for name in (prefix.replace("-", "_") + "tls_verify", "both_tls_verify", "global_tls_verify"):
+        value = getattr(args, name, None)
+        if value is not None:
+            return bool(value)
+    return None
+
+
+def user_agent(args: argparse.Namespace) -> str:
+    """``--user-agent-prefix P``: ``P ferry/X``, as skopeo sends ``P skopeo/X``."""
+    from worker.registry import USER_AGENT
+
+    prefix = getattr(args, "user_agent_prefix", None)
+    return f"{prefix} {USER_AGENT}" if prefix else USER_AGENT

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
 import sys
 
 from worker.engine.inspect import go_json, host_platform, image_config, inspect_image, oci_config_view
@@ -204,6 +205,10 @@ def login(args: argparse.Namespace) -> int:
 
 
 def logout(args: argparse.Namespace) -> int:
+    authfile = args.authfile or os.environ.get("REGISTRY_AUTH_FILE")
+    if authfile and not os.path.exists(authfile):
+        # skopeo (containers/common CheckAuthFile): a named auth file must exist
+        raise InvalidInput(f"checking authfile: stat {authfile}: no such file or directory")
     if args.all:
         if args.registry:
             raise InvalidInput("--all takes no registry")

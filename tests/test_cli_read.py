@@ -572,7 +572,7 @@ ERROR_TEXT = {
     "digest-mismatch": "digest mismatch for manifest",
     "config-mismatch": "digest mismatch for config blob",
     "malformed-manifest": "malformed manifest",
-    "usage": "unrecognized arguments: --no-such-flag",
+    "usage": "unknown flag: --no-such-flag",
 }
 
 

@@ -27,7 +27,7 @@ from worker.celery_app import app, visibility_timeout
 from worker.engine.plan import BlobStep, ManifestStep
 from worker.engine.steps import EngineContext, blob_store, existing_blob, run_manifest_step, transfer_blob
 from worker.engine.transports import ClientPool, ImageName, SideConfig
-from worker.registry import FerryError, RetryPolicy, is_temporary
+from worker.registry import USER_AGENT, FerryError, RetryPolicy, is_temporary
 from worker.state import RedisGate, SharedState, connect
 
 log = logging.getLogger("ferry.worker")
@@ -62,6 +62,7 @@ def _sides(options_json: str) -> tuple[SideConfig, SideConfig]:
         return SideConfig(
             tls_verify=opts.get(f"{prefix}tls_verify"),
             cert_dir=opts.get(f"{prefix}cert_dir"),
+            user_agent=opts.get("user_agent") or USER_AGENT,
             retry=retry,
             gate=gate,
         )

@@ -5,7 +5,7 @@ Import from here; the underscore modules are private.
 
 from __future__ import annotations
 
-from ._client import ClientOptions, Manifest, RegistryClient, RequestGate, RetryPolicy
+from ._client import USER_AGENT, ClientOptions, Manifest, RegistryClient, RequestGate, RetryPolicy
 from ._credentials import (
     Credentials,
     default_auth_file,
@@ -50,6 +50,7 @@ __all__ = [
     "DOCKER_HUB",
     "MANIFEST_ACCEPT",
     "MANIFEST_TYPES",
+    "USER_AGENT",
     "Cancelled",
     "ClientOptions",
     "ConnectionFailed",

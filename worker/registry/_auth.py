@@ -94,6 +94,8 @@ class Authenticator:
 
     def headers(self, scopes: Sequence[str]) -> dict[str, str]:
         """Authorization header for a request needing ``scopes``, from what is already known."""
+        if self._credentials is not None and self._credentials.registry_token:
+            return {"Authorization": f"Bearer {self._credentials.registry_token}"}
         with self._lock:
             if self._bearer is not None:
                 tok = self._tokens.get(self._key(scopes))
@@ -110,6 +112,8 @@ class Authenticator:
 
     def challenge(self, response: httpx.Response, scopes: Sequence[str], *, attempt: int) -> bool:
         """Learn from a 401; return True when the request is worth sending again."""
+        if self._credentials is not None and self._credentials.registry_token:
+            return False  # the given token is all there is: never swap it for another
         ch = parse_challenge(response.headers.get("www-authenticate", ""))
         if ch is None:
             return False

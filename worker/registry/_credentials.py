@@ -81,15 +81,18 @@ class Credentials:
     username: str = ""
     password: str = ""
     identity_token: str = ""
+    #: skopeo's ``--registry-token``: sent as ``Authorization: Bearer`` to this registry, no token exchange
+    registry_token: str = ""
 
     @property
     def is_anonymous(self) -> bool:
-        return not (self.username or self.password or self.identity_token)
+        return not (self.username or self.password or self.identity_token or self.registry_token)
 
     def __repr__(self) -> str:
         password = "'***'" if self.password else "''"
         token = "'***'" if self.identity_token else "''"
-        return f"Credentials(username={self.username!r}, password={password}, identity_token={token})"
+        bearer = ", registry_token='***'" if self.registry_token else ""
+        return f"Credentials(username={self.username!r}, password={password}, identity_token={token}{bearer})"
 
     __str__ = __repr__
 

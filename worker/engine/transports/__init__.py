@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 
 from worker.registry import (
+    USER_AGENT,
     ClientOptions,
     Credentials,
     InvalidInput,
@@ -67,6 +68,9 @@ class SideConfig:
     no_creds: bool = False
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     chunk_size: int | None = None
+    user_agent: str = USER_AGENT
+    #: skopeo's ``--shared-blob-dir``: an oci: layout keeps its blobs there instead of in its own blobs/
+    shared_blob_dir: str | None = None
     #: shared throttling across processes (the workers back it with Redis)
     gate: RequestGate | None = None
     #: an httpx transport for every client of this side (tests: faults a real registry cannot produce)
@@ -79,6 +83,7 @@ class SideConfig:
             retry=self.retry,
             gate=self.gate,
             transport=self.transport,
+            user_agent=self.user_agent,
         )
         if self.chunk_size:
             opts.chunk_size = self.chunk_size
@@ -144,7 +149,7 @@ class ClientPool:
             self._clients.clear()
 
 
-def _local(name: ImageName, *, write: bool) -> ImageSource | ImageDestination:
+def _local(name: ImageName, *, write: bool, shared_blob_dir: str | None = None) -> ImageSource | ImageDestination:
     """Open a local transport (everything but docker://): which class, and how its details split."""
     from .dir import DirDestination, DirSource
     from .docker_archive import DockerArchiveDestination, DockerArchiveSource, parse_docker_archive_spec
@@ -152,6 +157,8 @@ def _local(name: ImageName, *, write: bool) -> ImageSource | ImageDestination:
     from .oci_layout import OCILayoutDestination, OCILayoutSource, parse_oci_spec
 
     if name.transport == "dir":
+        if shared_blob_dir:
+            raise InvalidInput("a shared blob directory applies to oci: layouts only, not dir:")
         return DirDestination(name.details) if write else DirSource(name.details)
     table: dict[str, tuple[Any, type[Any], type[Any]]] = {
         "oci": (parse_oci_spec, OCILayoutSource, OCILayoutDestination),
@@ -160,9 +167,14 @@ def _local(name: ImageName, *, write: bool) -> ImageSource | ImageDestination:
     }
     if name.transport not in table:
         raise InvalidInput(f"unsupported transport {name.transport}")
+    if shared_blob_dir and name.transport != "oci":
+        raise InvalidInput(f"a shared blob directory applies to oci: layouts only, not {name.transport}:")
     parse, source_cls, dest_cls = table[name.transport]
     path, ref = parse(name.details)
-    opened: ImageSource | ImageDestination = (dest_cls if write else source_cls)(path, ref)
+    cls = dest_cls if write else source_cls
+    opened: ImageSource | ImageDestination = (
+        cls(path, ref, shared_blob_dir=shared_blob_dir) if shared_blob_dir else cls(path, ref)
+    )
     return opened
 
 
@@ -171,7 +183,7 @@ def open_source(name: ImageName, side: SideConfig, pool: ClientPool | None = Non
         from .registry import RegistrySource
 
         return RegistrySource(name.reference, (pool or ClientPool()).client(name.reference, side))
-    src = _local(name, write=False)
+    src = _local(name, write=False, shared_blob_dir=side.shared_blob_dir)
     assert isinstance(src, ImageSource)
     return src
 
@@ -181,7 +193,7 @@ def open_destination(name: ImageName, side: SideConfig, pool: ClientPool | None 
         from .registry import RegistryDestination
 
         return RegistryDestination(name.reference, (pool or ClientPool()).client(name.reference, side))
-    dest = _local(name, write=True)
+    dest = _local(name, write=True, shared_blob_dir=side.shared_blob_dir)
     assert isinstance(dest, ImageDestination)
     return dest
 
