@@ -159,8 +159,18 @@ def submit_plan(
         _write_job_outputs(args, summary)
         if on_done is not None:
             on_done(summary)
+        if code == 1:
+            print_job_errors(summary)
         return code
     return 0
+
+
+def print_job_errors(summary: dict[str, Any]) -> None:
+    """One ``Error:`` line per failed image on stderr, -q or not (as the embedded path prints them)."""
+    for img in summary["failed"]:
+        print(f"Error: {img['source']} -> {img['destination']}: {img['error'] or 'cancelled'}", file=sys.stderr)
+    if not summary["failed"] and summary["state"] != "done":
+        print(f"Error: job {summary['id']} {summary['state']}", file=sys.stderr)
 
 
 def _write_job_outputs(args: argparse.Namespace, summary: dict[str, Any]) -> None:

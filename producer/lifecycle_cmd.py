@@ -78,7 +78,7 @@ def run_verify(
             print(f"Missing child manifest {m.digest} of {m.manifest} ({m.destination})")
         for m in report.missing_blobs:
             print(f"Missing blob {m.digest} of {m.manifest} ({m.destination})")
-        for e in report.errors:
-            print(f"Error: {e['destination']}: {e['error']}", file=sys.stderr)
+    for e in report.errors:  # errors print, -q or not
+        print(f"Error: {e['destination']}: {e['error']}", file=sys.stderr)
     print(report.summary(), file=sys.stderr)
     return report

@@ -124,7 +124,10 @@ def sync(args: argparse.Namespace) -> int:
                     verified.append(run_verify(args, ctx, req, memo, disc))
 
             code = submit_plan(args, plan, queue, kind="sync", source_sides=disc.sides, on_done=job_done)
-            return code or (1 if verified and not verified[0].ok else 0)
+            # images that failed before the job (reading the source, --keep-going) are not in it: say so here
+            for src, dst, err in failures:
+                print(f"Error: {src} -> {dst}: {err}", file=sys.stderr)
+            return code or (1 if failures or (verified and not verified[0].ok) else 0)
         report = run_embedded(args, ctx, plan, quiet, fail_fast=not args.keep_going)
         for item, digest in checked.unchanged:
             outcome = ImageOutcome("", str(item.source), str(item.destination), "up-to-date", digest)

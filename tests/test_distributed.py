@@ -674,6 +674,37 @@ def test_rerun_moves_nothing_and_retry_moves_only_what_failed(
         assert after[sid]["attempts"] == rec["attempts"] and after[sid]["status"] == "done"
 
 
+def test_quiet_keep_going_sync_prints_its_errors(
+    workers: Workers, registry: RegistryServer, registry2: RegistryServer, queue: str, producer_env: dict[str, str]
+) -> None:
+    """``sync -q --keep-going --wait`` on a queue: an image that fails on the workers and one that fails while
+    planning each get an ``Error:`` line (they used to print nothing and exit 1)."""
+    token = uuid.uuid4().hex[:8]
+    repo = f"test/dist-quiet-{token}/app"
+    imgs = {tag: build_image(f"dist-quiet-{token}-{tag}", layers=[12 << 10]) for tag in ("ok", "bad", "gone")}
+    for tag, img in imgs.items():
+        push_image(registry.url, repo, tag, img)
+    broken_layer = source_blob_file(registry, str(imgs["bad"].layers[0].digest))  # fails on a worker
+    broken_manifest = source_blob_file(registry, str(imgs["gone"].digest))  # fails while planning
+    saved = [(f, f.with_name("data.saved")) for f in (broken_layer, broken_manifest)]
+    for f, keep in saved:
+        shutil.move(f, keep)
+    try:
+        out = ferry("sync", "--src", "docker", "--dest", "docker", *INSECURE, "-q", "--keep-going", "--wait",
+                    "--retry-times=1", "--retry-delay=0s", "--queue", queue, f"{registry.host}/{repo}",
+                    f"{registry2.host}/quiet-{token}", env=producer_env, check=False)  # fmt: skip
+    finally:
+        for f, keep in saved:
+            shutil.move(keep, f)
+    assert out.returncode == 1, f"{out.stdout}\n{out.stderr}\n{workers.logs()}"
+    errors = [line for line in out.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 2, out.stderr
+    assert any(f"{repo}:bad -> " in e and str(imgs["bad"].layers[0].digest) in e for e in errors), errors
+    assert any(f"{repo}:gone -> " in e for e in errors), errors
+    assert out.stdout == ""  # -q: no job id, no per-image lines
+    assert_copied(registry2, f"quiet-{token}/app", "ok", imgs["ok"])
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # cancel
 

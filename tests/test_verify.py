@@ -136,3 +136,25 @@ def test_verify_rejects_bad_input_in_one_line(registry: RegistryServer, tmp_path
         f"Error: no OCI layout at {tmp_path / 'none'}: index.json does not exist"
     ]
     assert not (tmp_path / "none").exists()
+
+
+def test_verify_quiet_still_prints_errors(
+    registry: RegistryServer, registry2: RegistryServer, unique_repo: str, cache: Path
+) -> None:
+    """``-q`` keeps only the summary line of the findings, never an error (a source that cannot be read)."""
+    repo = f"{unique_repo}/app"
+    app = images(repo, ["v1"])
+    push_all(registry, repo, app)
+    args = ("--src", "docker", "--dest", "docker", *INSECURE, "--retry-times=0", f"{registry.host}/{repo}:v1",
+            f"{registry2.host}/q")  # fmt: skip
+    ferry("sync", *args, cache=cache)
+    data = blob_data(registry, str(app["v1"].digest))
+    saved = data.with_name("data.saved")
+    shutil.move(data, saved)
+    try:
+        proc = ferry("verify", "-q", *args, cache=cache, check=False)
+    finally:
+        shutil.move(saved, data)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and f"{registry2.host}/q" in errors[0], proc.stderr
+    assert proc.stdout == ""
