@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.harness.liar import LyingRegistry, start_lying_registry
 from tests.harness.servers import RedisServer, RegistryServer, start_redis, start_registry, stop_all
 
 RegistryFactory = Callable[..., RegistryServer]
@@ -88,6 +89,14 @@ def registry_factory(tmp_path: Path) -> Iterator[RegistryFactory]:
     yield factory
     for reg in started:
         reg.stop()
+
+
+@pytest.fixture
+def liar() -> Iterator[LyingRegistry]:
+    """A lying registry (``tests/harness/liar.py``) for documents distribution would refuse to store."""
+    server = start_lying_registry()
+    yield server
+    server.stop()
 
 
 _ALNUM = string.ascii_lowercase + string.digits

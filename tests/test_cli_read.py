@@ -570,7 +570,7 @@ ERROR_TEXT = {
     "not-found": "manifest unknown",
     "tls": "not trusted",
     "digest-mismatch": "digest mismatch for manifest",
-    "config-mismatch": "digest mismatch for config blob",
+    "config-mismatch": "digest mismatch for blob",
     "malformed-manifest": "malformed manifest",
     "usage": "unknown flag: --no-such-flag",
 }

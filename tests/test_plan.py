@@ -31,6 +31,7 @@ from worker.engine.plan import (
     resolve_image,
 )
 from worker.engine.transports import ImageDestination, ImageName, ImageSource
+from worker.engine.transports.base import StoredManifest
 from worker.engine.transports.dir import DirDestination
 from worker.engine.transports.docker_archive import DockerArchiveDestination
 from worker.engine.transports.oci_layout import OCILayoutDestination
@@ -125,15 +126,15 @@ class MemorySource(ImageSource):
             self.manifests[child.digest] = (child.manifest, child.media_type)
         self.fetched: list[str | Digest | None] = []
 
-    def get_manifest(self, ref: str | Digest | None = None) -> tuple[bytes, str]:
+    def _read_manifest(self, ref: str | Digest | None) -> StoredManifest:
         self.fetched.append(ref)
         if ref is None:
-            return self.top.manifest, self.top.media_type
+            return StoredManifest(self.top.manifest, self.top.media_type)
         if isinstance(ref, Digest) and ref in self.manifests:
-            return self.manifests[ref]
+            return StoredManifest(*self.manifests[ref])
         raise NotFound(f"manifest {ref}")
 
-    def open_blob(self, desc: Descriptor) -> AbstractContextManager[Iterator[bytes]]:
+    def _open_blob(self, desc: Descriptor) -> AbstractContextManager[Iterator[bytes]]:
         raise AssertionError("the planner never reads blobs")
 
 

@@ -25,7 +25,7 @@ import pytest
 
 from tests.harness.images import Image, Index, Layer, build_image, build_multiarch, make_layer, make_stream_layer
 from tests.harness.peer import skopeo
-from worker.engine.transports.base import ImageDestination, ImageSource
+from worker.engine.transports.base import ImageDestination, ImageSource, StoredManifest
 from worker.engine.transports.dir import DIR_VERSION, DirDestination, DirSource, guess_manifest_media_type
 from worker.engine.transports.docker_archive import (
     DockerArchiveDestination,
@@ -110,13 +110,13 @@ class MemorySource(ImageSource):
         self.b = b
         self.chunk = chunk
 
-    def get_manifest(self, ref: str | Digest | None = None) -> tuple[bytes, str]:
+    def _read_manifest(self, ref: str | Digest | None) -> StoredManifest:
         if ref is None or ref == self.b.digest:
-            return self.b.manifest, self.b.media_type
+            return StoredManifest(self.b.manifest, self.b.media_type)
         assert isinstance(ref, Digest)
-        return self.b.children[ref]
+        return StoredManifest(*self.b.children[ref])
 
-    def open_blob(self, desc: Descriptor) -> AbstractContextManager[Iterator[bytes]]:
+    def _open_blob(self, desc: Descriptor) -> AbstractContextManager[Iterator[bytes]]:
         data = self.b.blobs[desc.digest]
         return nullcontext(iter([data[i : i + self.chunk] for i in range(0, len(data), self.chunk)]))
 

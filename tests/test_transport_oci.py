@@ -24,7 +24,7 @@ import pytest
 
 from tests.harness.images import Image, Index, build_image, build_multiarch, make_stream_layer
 from tests.harness.peer import skopeo
-from worker.engine.transports.base import ImageDestination, ImageSource
+from worker.engine.transports.base import ImageDestination, ImageSource, StoredManifest
 from worker.engine.transports.oci_archive import OCIArchiveDestination, OCIArchiveSource, parse_oci_archive_spec
 from worker.engine.transports.oci_layout import (
     CHUNK_SIZE,
@@ -64,12 +64,12 @@ class BuiltSource(ImageSource):
             for digest, _size, blob in img.blobs():
                 self.blobs[digest] = blob
 
-    def get_manifest(self, ref: str | Digest | None = None) -> tuple[bytes, str]:
+    def _read_manifest(self, ref: str | Digest | None) -> StoredManifest:
         if isinstance(ref, Digest):
             if ref not in self.manifests:
                 raise NotFound(str(ref))
-            return self.manifests[ref]
-        return self.top.manifest, self.top.media_type
+            return StoredManifest(*self.manifests[ref])
+        return StoredManifest(self.top.manifest, self.top.media_type)
 
     @contextmanager
     def _open(self, desc: Descriptor) -> Iterator[Iterator[bytes]]:
@@ -79,7 +79,7 @@ class BuiltSource(ImageSource):
         else:
             yield blob.chunks(300_000)
 
-    def open_blob(self, desc: Descriptor) -> AbstractContextManager[Iterator[bytes]]:
+    def _open_blob(self, desc: Descriptor) -> AbstractContextManager[Iterator[bytes]]:
         return self._open(desc)
 
 

@@ -5,7 +5,7 @@ Import from here; the underscore modules are private.
 
 from __future__ import annotations
 
-from ._client import USER_AGENT, ClientOptions, Manifest, RegistryClient, RequestGate, RetryPolicy
+from ._client import MAX_MANIFEST_SIZE, USER_AGENT, ClientOptions, Manifest, RegistryClient, RequestGate, RetryPolicy
 from ._credentials import (
     Credentials,
     default_auth_file,
@@ -44,12 +44,13 @@ from ._errors import (
 )
 from ._reference import DOCKER_HUB, Reference
 from ._types import MANIFEST_ACCEPT, MANIFEST_TYPES, Descriptor, Digest, MediaType, Platform
-from ._verify import VerifyingStream, verify_bytes, verify_stream
+from ._verify import VerifyingStream, verify_bytes, verify_manifest, verify_stream
 
 __all__ = [
     "DOCKER_HUB",
     "MANIFEST_ACCEPT",
     "MANIFEST_TYPES",
+    "MAX_MANIFEST_SIZE",
     "USER_AGENT",
     "Cancelled",
     "ClientOptions",
@@ -95,5 +96,6 @@ __all__ = [
     "resolve_credentials",
     "store_login",
     "verify_bytes",
+    "verify_manifest",
     "verify_stream",
 ]

@@ -56,3 +56,10 @@ def verify_bytes(data: bytes, digest: Digest, what: str) -> None:
     actual = Digest.of(data, digest.algorithm)
     if actual != digest:
         raise DigestMismatch(what, digest, actual)
+
+
+def verify_manifest(raw: bytes, digest: Digest, where: str) -> None:
+    """A manifest read by ``digest`` from ``where`` must be the bytes the digest names (skopeo refuses too)."""
+    actual = Digest.of(raw, digest.algorithm)
+    if actual != digest:
+        raise DigestMismatch(f"manifest {digest} read from {where}", digest, actual)

@@ -23,27 +23,61 @@ Rules every implementation keeps:
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, NamedTuple
 
-from worker.registry import Descriptor, Digest
+from worker.registry import MAX_MANIFEST_SIZE, Descriptor, Digest, ManifestError, verify_manifest, verify_stream
+
+
+class StoredManifest(NamedTuple):
+    """A manifest as a transport read it, before the shared checks."""
+
+    raw: bytes
+    media_type: str
+    #: the digest the transport found it under (an index entry, a digest reference), or ``None``
+    digest: Digest | None = None
 
 
 class ImageSource(abc.ABC):
-    """Read side of a transport."""
+    """Read side of a transport.
+
+    Transports implement ``_read_manifest`` and ``_open_blob``; callers use ``get_manifest`` and
+    ``open_blob``, which check what was read against the digest it was read by, here, once for
+    every transport: a manifest read by digest (or found under one) must hash to it, and a blob
+    is verified while it streams (the error comes before its last chunk is handed on).
+    """
 
     #: e.g. ``docker://localhost:5000/app:1`` or ``oci:/tmp/layout:app``
     description: str = ""
 
     @abc.abstractmethod
-    def get_manifest(self, ref: str | Digest | None = None) -> tuple[bytes, str]:
-        """Return ``(raw bytes, media type)`` of the manifest at ``ref``.
+    def _read_manifest(self, ref: str | Digest | None) -> StoredManifest:
+        """Read the manifest at ``ref`` (a tag, a digest, or ``None`` for the location's own reference).
 
-        ``ref`` is a tag, a digest, or ``None`` for the location's own
-        reference. Raw bytes are returned exactly as stored. Raises
-        ``NotFound`` when absent.
+        Raw bytes exactly as stored; raises ``NotFound`` when absent.
         """
+
+    @abc.abstractmethod
+    def _open_blob(self, desc: Descriptor) -> AbstractContextManager[Iterator[bytes]]:
+        """Open a blob's stored bytes for streaming (unverified: ``open_blob`` verifies)."""
+
+    def get_manifest(self, ref: str | Digest | None = None) -> tuple[bytes, str]:
+        """Return ``(raw bytes, media type)`` of the manifest at ``ref``, checked against its digest.
+
+        ``ref`` is a tag, a digest, or ``None`` for the location's own reference. Raises
+        ``NotFound`` when absent, ``ManifestError`` when over the size limit and
+        ``DigestMismatch`` when the bytes are not the ones the digest names.
+        """
+        found = self._read_manifest(ref)
+        if len(found.raw) > MAX_MANIFEST_SIZE:
+            raise ManifestError(
+                f"{self.description}: manifest is {len(found.raw)} bytes, over the {MAX_MANIFEST_SIZE} byte limit"
+            )
+        for digest in {d for d in (ref, found.digest) if isinstance(d, Digest)}:
+            verify_manifest(found.raw, digest, self.description)
+        return found.raw, found.media_type
 
     def head_manifest(self, ref: str | Digest | None = None) -> Descriptor | None:
         """Descriptor of the manifest at ``ref``, or ``None`` when absent (cheap where possible)."""
@@ -55,12 +89,13 @@ class ImageSource(abc.ABC):
             return None
         return Descriptor.of(media_type, raw)
 
-    @abc.abstractmethod
     def open_blob(self, desc: Descriptor) -> AbstractContextManager[Iterator[bytes]]:
         """Open a blob for streaming: ``with src.open_blob(d) as chunks: for c in chunks: ...``.
 
-        Implementations need not verify; the copier verifies every byte.
+        The chunks are verified against ``desc`` (size and digest) as they pass: a bad blob
+        raises ``DigestMismatch``/``SizeMismatch`` before its last chunk is yielded.
         """
+        return _verified(self._open_blob(desc), desc, f"blob {desc.digest} read from {self.description}")
 
     def has_blob(self, desc: Descriptor) -> bool:
         """True when this location holds the blob (opened and closed unread; a registry answers a HEAD)."""
@@ -84,6 +119,14 @@ class ImageSource(abc.ABC):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def _verified(
+    opened: AbstractContextManager[Iterator[bytes]], desc: Descriptor, what: str
+) -> Iterator[Iterator[bytes]]:
+    with opened as chunks:
+        yield iter(verify_stream(chunks, desc, what))
 
 
 class ImageDestination(abc.ABC):

@@ -40,7 +40,7 @@ from worker.registry import (
     verify_stream,
 )
 
-from .base import ImageDestination, ImageSource
+from .base import ImageDestination, ImageSource, StoredManifest
 
 __all__ = ["DIR_VERSION", "DirDestination", "DirSource", "guess_manifest_media_type"]
 
@@ -122,7 +122,7 @@ class DirSource(ImageSource):
         except FileNotFoundError:
             return None
 
-    def get_manifest(self, ref: str | Digest | None = None) -> tuple[bytes, str]:
+    def _read_manifest(self, ref: str | Digest | None) -> StoredManifest:
         if isinstance(ref, str):
             try:
                 ref = Digest.parse(ref)
@@ -132,7 +132,7 @@ class DirSource(ImageSource):
             raw = self._read(_MANIFEST)
             if raw is None:
                 raise NotFound(f"{self.description}: {_MANIFEST} not found")
-            return raw, guess_manifest_media_type(raw)
+            return StoredManifest(raw, guess_manifest_media_type(raw))
         raw = self._read(_child_manifest_name(ref))
         if raw is None:
             top = self._read(_MANIFEST)
@@ -140,9 +140,9 @@ class DirSource(ImageSource):
                 raw = top
         if raw is None:
             raise NotFound(f"{self.description}: manifest {ref} not found")
-        return raw, guess_manifest_media_type(raw)
+        return StoredManifest(raw, guess_manifest_media_type(raw), ref)
 
-    def open_blob(self, desc: Descriptor) -> AbstractContextManager[Iterator[bytes]]:
+    def _open_blob(self, desc: Descriptor) -> AbstractContextManager[Iterator[bytes]]:
         path = os.path.join(self.path, _blob_name(desc.digest))
         if not os.path.isfile(path):
             raise NotFound(f"{self.description}: blob {desc.digest} not found")

@@ -60,7 +60,7 @@ from worker.registry import (
     verify_stream,
 )
 
-from .base import ImageDestination, ImageSource
+from .base import ImageDestination, ImageSource, StoredManifest
 
 __all__ = [
     "DockerArchiveDestination",
@@ -631,20 +631,20 @@ class DockerArchiveSource(ImageSource):
         """``RepoTags`` of the selected ``manifest.json`` entry."""
         return [str(t) for t in self._item.get("RepoTags") or []]
 
-    def get_manifest(self, ref: str | Digest | None = None) -> tuple[bytes, str]:
+    def _read_manifest(self, ref: str | Digest | None) -> StoredManifest:
         raw = self._ensure_loaded()
         if ref is None:
-            return raw, MediaType.DOCKER_MANIFEST
+            return StoredManifest(raw, MediaType.DOCKER_MANIFEST)
         if isinstance(ref, str):
             try:
                 ref = Digest.parse(ref)
             except InvalidInput:
                 raise NotFound(f"{self.description}: no manifest {ref!r} (docker-archive has no tags inside)") from None
         if Digest.of(raw, ref.algorithm) == ref:
-            return raw, MediaType.DOCKER_MANIFEST
+            return StoredManifest(raw, MediaType.DOCKER_MANIFEST, ref)
         raise NotFound(f"{self.description}: manifest {ref} not found (docker-archive holds no manifest lists)")
 
-    def open_blob(self, desc: Descriptor) -> AbstractContextManager[Iterator[bytes]]:
+    def _open_blob(self, desc: Descriptor) -> AbstractContextManager[Iterator[bytes]]:
         self._ensure_loaded()
         if desc.digest == self._config_digest:
             return contextlib.nullcontext(iter([self._config]))

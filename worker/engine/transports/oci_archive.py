@@ -42,7 +42,7 @@ from worker.registry import (
     NotFound,
 )
 
-from .base import ImageDestination, ImageSource
+from .base import ImageDestination, ImageSource, StoredManifest
 from .oci_layout import (
     BLOBS_DIR,
     CHUNK_SIZE,
@@ -242,11 +242,11 @@ class OCIArchiveSource(ImageSource):
             reader.close()
             raise
 
-    def get_manifest(self, ref: str | Digest | None = None) -> tuple[bytes, str]:
-        return self._layout.get_manifest(ref)
+    def _read_manifest(self, ref: str | Digest | None) -> StoredManifest:
+        return self._layout._read_manifest(ref)
 
-    def open_blob(self, desc: Descriptor) -> AbstractContextManager[Iterator[bytes]]:
-        return self._layout.open_blob(desc)
+    def _open_blob(self, desc: Descriptor) -> AbstractContextManager[Iterator[bytes]]:
+        return self._layout._open_blob(desc)
 
     def list_tags(self) -> list[str]:
         return self._layout.list_tags()

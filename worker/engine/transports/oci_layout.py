@@ -35,6 +35,7 @@ from typing import Any, BinaryIO, Protocol
 
 from worker.registry import (
     MANIFEST_TYPES,
+    MAX_MANIFEST_SIZE,
     Descriptor,
     Digest,
     InvalidInput,
@@ -46,7 +47,7 @@ from worker.registry import (
     verify_stream,
 )
 
-from .base import ImageDestination, ImageSource
+from .base import ImageDestination, ImageSource, StoredManifest
 
 __all__ = [
     "BLOBS_DIR",
@@ -70,8 +71,6 @@ BLOBS_DIR = "blobs"
 #: What skopeo 1.9 writes into ``oci-layout`` (newer containers/image drop the space).
 LAYOUT_CONTENT = b'{"imageLayoutVersion": "1.0.0"}'
 CHUNK_SIZE = 1 << 20
-#: Manifests are read into memory; refuse anything larger (the registry limit containers/image uses).
-MAX_MANIFEST_SIZE = 4 << 20
 
 # containers/image oci/internal: the OCI ref.name grammar.
 _SEPARATOR = r"(?:[-._:@+]|--)"
@@ -289,7 +288,7 @@ class OCILayoutSource(ImageSource):
 
     # -- ImageSource ---------------------------------------------------------------------------
 
-    def get_manifest(self, ref: str | Digest | None = None) -> tuple[bytes, str]:
+    def _read_manifest(self, ref: str | Digest | None) -> StoredManifest:
         media_type = ""
         if isinstance(ref, Digest):
             digest = ref
@@ -305,10 +304,9 @@ class OCILayoutSource(ImageSource):
                 raise ManifestError(f"{self.description}: bad digest in index.json: {exc}") from None
             media_type = str(entry.get("mediaType") or "")
         raw = self._reader.read_blob(digest, MAX_MANIFEST_SIZE)
-        verify_bytes(raw, digest, f"manifest {digest} in {self._reader.where}")
-        return raw, media_type or guess_manifest_type(raw)
+        return StoredManifest(raw, media_type or guess_manifest_type(raw), digest)
 
-    def open_blob(self, desc: Descriptor) -> AbstractContextManager[Iterator[bytes]]:
+    def _open_blob(self, desc: Descriptor) -> AbstractContextManager[Iterator[bytes]]:
         return self._reader.stream_blob(desc.digest)
 
     def list_tags(self) -> list[str]:

@@ -7,7 +7,7 @@ from contextlib import AbstractContextManager
 
 from worker.registry import Descriptor, Digest, Reference, RegistryClient
 
-from .base import ImageDestination, ImageSource
+from .base import ImageDestination, ImageSource, StoredManifest
 
 
 def _ref(reference: Reference, ref: str | Digest | None) -> str | Digest:
@@ -26,14 +26,15 @@ class RegistrySource(ImageSource):
     def repository(self) -> str:
         return self.reference.repository
 
-    def get_manifest(self, ref: str | Digest | None = None) -> tuple[bytes, str]:
-        m = self.client.get_manifest(self.repository, _ref(self.reference, ref))
-        return m.raw, m.media_type
+    def _read_manifest(self, ref: str | Digest | None) -> StoredManifest:
+        wanted = _ref(self.reference, ref)
+        m = self.client.get_manifest(self.repository, wanted)
+        return StoredManifest(m.raw, m.media_type, wanted if isinstance(wanted, Digest) else None)
 
     def head_manifest(self, ref: str | Digest | None = None) -> Descriptor | None:
         return self.client.head_manifest(self.repository, _ref(self.reference, ref))
 
-    def open_blob(self, desc: Descriptor) -> AbstractContextManager[Iterator[bytes]]:
+    def _open_blob(self, desc: Descriptor) -> AbstractContextManager[Iterator[bytes]]:
         return self.client.open_blob(self.repository, desc.digest, desc.size)
 
     def has_blob(self, desc: Descriptor) -> bool:
