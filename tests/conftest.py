@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness.liar import LyingRegistry, start_lying_registry
+from tests.harness.faulty import FaultyServer, start_faulty
 from tests.harness.servers import RedisServer, RegistryServer, start_redis, start_registry, stop_all
 
 RegistryFactory = Callable[..., RegistryServer]
@@ -92,9 +92,10 @@ def registry_factory(tmp_path: Path) -> Iterator[RegistryFactory]:
 
 
 @pytest.fixture
-def liar() -> Iterator[LyingRegistry]:
-    """A lying registry (``tests/harness/liar.py``) for documents distribution would refuse to store."""
-    server = start_lying_registry()
+def faulty(registry: RegistryServer) -> Iterator[FaultyServer]:
+    """A lying server in front of the shared ``registry`` (``tests/harness/faulty.py``): add faults to it,
+    e.g. ``serve(...)`` for documents distribution would refuse to store."""
+    server = start_faulty(registry.url)
     yield server
     server.stop()
 

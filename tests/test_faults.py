@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness.faulty import Fault, FaultyServer, answer, endless_pages, reset, start_faulty
+from tests.harness.faulty import Fault, FaultyServer, answer, endless_pages, reset
 from tests.harness.images import build_image, push_image
 from tests.harness.servers import RegistryServer
 from worker.registry import ClientOptions, RegistryClient, RegistryError, RetryPolicy, ServerError, TLSError
@@ -20,13 +20,6 @@ from worker.registry import _client as client_module
 FERRY = str(Path(sys.executable).with_name("ferry"))
 FAST_RETRY = RetryPolicy(times=3, delay=0.0)
 IMG = build_image("faults", layers=[900], fmt="oci")
-
-
-@pytest.fixture
-def faulty(registry: RegistryServer) -> Iterator[FaultyServer]:
-    server = start_faulty(registry.url)
-    yield server
-    server.stop()
 
 
 @pytest.fixture(autouse=True)

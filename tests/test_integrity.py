@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness.images import Image, Index, build_image, build_multiarch
-from tests.harness.liar import LyingRegistry
+from tests.harness.faulty import Fault, FaultyServer, serve
+from tests.harness.images import Image, Index, build_image, build_multiarch, push_image, push_index
 from tests.harness.servers import RegistryServer
 from worker.engine.transports import ImageName, SideConfig, open_source
 from worker.engine.transports.dir import DIR_VERSION
@@ -152,17 +152,29 @@ def test_dir_child_manifest_swapped_is_refused_for_all(index: Index, tmp_path: P
 # -- every transport: a swapped child manifest and a garbled layer ---------------------------------------------------
 
 
-def make_source(transport: str, fault: str, index: Index, tmp_path: Path, liar: LyingRegistry) -> tuple[str, str]:
+def make_source(
+    transport: str,
+    fault: str,
+    index: Index,
+    tmp_path: Path,
+    faulty: FaultyServer,
+    registry: RegistryServer,
+    repo: str,
+) -> tuple[str, str]:
     """Write a tampered source; return ``(image name, the digest the error must name)``."""
     amd, arm = index.child(AMD64), index.child(ARM64)
     layer = amd.layer_descriptors[0].digest
     if transport == "docker":
-        liar.add("app", "t", index)
+        # the real registry holds the right image; the lying server in front of it serves other bytes
+        push_index(registry.url, repo, "t", index)
         if fault == "manifest":
-            liar.lie("app", str(amd.digest), arm.manifest, amd.media_type)
+            faulty.add(
+                Fault(f"/manifests/{amd.digest}$", serve(arm.manifest, amd.media_type), method="GET", times=None)
+            )
         else:
-            liar.blobs[str(layer)] = bytes(b ^ 0x5A for b in liar.blobs[str(layer)])
-        return f"docker://{liar.host}/app:t", str(amd.digest if fault == "manifest" else layer)
+            garbled = bytes(b ^ 0x5A for b in blob_bytes(amd)[layer.hex])
+            faulty.add(Fault(f"/blobs/{layer}$", serve(garbled, "application/octet-stream"), method="GET", times=None))
+        return f"docker://{faulty.host}/{repo}:t", str(amd.digest if fault == "manifest" else layer)
     if transport == "docker-archive":
         # one image: write it with Ferry from a pristine dir:, then garble a layer inside the tar
         pristine = tmp_path / "pristine"
@@ -211,9 +223,15 @@ CASES = [
 
 @pytest.mark.parametrize(("transport", "fault"), CASES, ids=[f"{t}-{f}" for t, f in CASES])
 def test_tampered_source_is_refused(
-    transport: str, fault: str, index: Index, liar: LyingRegistry, tmp_path: Path
+    transport: str,
+    fault: str,
+    index: Index,
+    faulty: FaultyServer,
+    registry: RegistryServer,
+    unique_repo: str,
+    tmp_path: Path,
 ) -> None:
-    name, digest = make_source(transport, fault, index, tmp_path, liar)
+    name, digest = make_source(transport, fault, index, tmp_path, faulty, registry, unique_repo)
     out = tmp_path / "out"
     proc = run_ferry("copy", "-q", "--src-tls-verify=false", "--all", name, f"oci:{out}:x", tmp_path=tmp_path)
     assert_refused(proc, "mismatch", digest)
@@ -234,19 +252,16 @@ def test_tampered_source_is_refused(
                 pass
 
 
-def test_manifest_by_digest_reference_is_verified(liar: LyingRegistry, tmp_path: Path) -> None:
+def test_manifest_by_digest_reference_is_verified(
+    faulty: FaultyServer, registry: RegistryServer, unique_repo: str, tmp_path: Path
+) -> None:
     """``docker://HOST/REPO@DIGEST``: the bytes served must be the ones the user pinned."""
     good, other = build_image("pinned-good"), build_image("pinned-other")
-    liar.add("app", "other", other)
-    liar.lie("app", str(good.digest), other.manifest, other.media_type)
+    push_image(registry.url, unique_repo, None, good)
+    push_image(registry.url, unique_repo, None, other)
+    faulty.add(Fault(f"/manifests/{good.digest}$", serve(other.manifest, other.media_type), times=None))
     out = tmp_path / "out"
-    proc = run_ferry(
-        "copy",
-        "-q",
-        "--src-tls-verify=false",
-        f"docker://{liar.host}/app@{good.digest}",
-        f"oci:{out}:x",
-        tmp_path=tmp_path,
-    )
+    name = f"docker://{faulty.host}/{unique_repo}@{good.digest}"
+    proc = run_ferry("copy", "-q", "--src-tls-verify=false", name, f"oci:{out}:x", tmp_path=tmp_path)
     assert_refused(proc, "digest mismatch", str(good.digest))
     assert nothing_written(out)

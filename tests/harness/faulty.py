@@ -5,6 +5,9 @@ unless a :class:`Fault` matches it first; a fault applies a fixed number of time
 server behaves again. The faults:
 
 - :func:`answer` -- a fixed status (503, 429, ...) with a distribution-style JSON error body;
+- :func:`serve` -- a fixed answer with any body: a document distribution would refuse to store (a manifest
+  with a null layer, other bytes than its digest names, a tag list that is not an object, a token answer
+  with ``expires_in: "soon"``);
 - :func:`reset` -- close the connection without an answer (a TCP reset);
 - :func:`trickle` -- the upstream answer, but its body one small piece every ``interval`` seconds;
 - :func:`endless_pages` -- the upstream answer plus a ``Link: rel="next"`` to a page that never ends
@@ -16,6 +19,7 @@ would reach any plain-HTTP registry. :attr:`FaultyServer.log` lists every ``(met
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import struct
@@ -27,7 +31,7 @@ from typing import Any
 
 import httpx
 
-__all__ = ["Fault", "FaultyServer", "answer", "endless_pages", "reset", "start_faulty", "trickle"]
+__all__ = ["Fault", "FaultyServer", "answer", "endless_pages", "reset", "serve", "start_faulty", "trickle"]
 
 #: what a fault does with a request: gets the handler, the upstream answer (fetched lazily) and the server
 Action = Callable[["_Handler", Callable[[], httpx.Response]], None]
@@ -193,6 +197,28 @@ def answer(status: int, code: str = "UNAVAILABLE", headers: dict[str, str] | Non
         h.send_header("Content-Length", str(len(body)))
         h.end_headers()
         h.wfile.write(body)
+
+    return act
+
+
+def serve(
+    body: bytes | object,
+    content_type: str = "application/json",
+    headers: dict[str, str] | None = None,
+    status: int = 200,
+) -> Action:
+    """A fixed answer with ``body`` (bytes, or any value sent as JSON), whatever the upstream holds."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+
+    def act(h: _Handler, _upstream: Callable[[], httpx.Response]) -> None:
+        h.send_response(status)
+        h.send_header("Content-Type", content_type)
+        for k, v in (headers or {}).items():
+            h.send_header(k, v)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        if h.command != "HEAD":
+            h.wfile.write(data)
 
     return act
 
