@@ -232,6 +232,19 @@ def _yaml_bool(value: Any, what: str) -> bool:
     raise InvalidInput(f"{what} must be true or false")
 
 
+def entry_side(entry: dict[str, Any], base: SideConfig, registry: str) -> SideConfig:
+    """A registry entry's own ``tls-verify``, ``cert-dir`` and ``credentials`` (sync and prune files)."""
+    side = replace(base)
+    if "tls-verify" in entry:
+        side.tls_verify = _yaml_bool(entry["tls-verify"], f"{registry}: tls-verify")
+    if entry.get("cert-dir"):
+        side.cert_dir = str(entry["cert-dir"])
+    creds = entry.get("credentials")
+    if isinstance(creds, dict) and (creds.get("username") or creds.get("password")):
+        side.credentials = Credentials(username=str(creds.get("username", "")), password=str(creds.get("password", "")))
+    return side
+
+
 def _discover_yaml(ctx: EngineContext, req: SyncRequest, out: Discovery) -> None:
     try:
         with open(req.source) as f:
@@ -249,16 +262,7 @@ def _discover_yaml(ctx: EngineContext, req: SyncRequest, out: Discovery) -> None
         entry = entry or {}
         if not isinstance(entry, dict):
             raise InvalidInput(f"sync file {req.source}: entry {registry!r} must be a mapping")
-        side = replace(base_side)
-        if "tls-verify" in entry:
-            side.tls_verify = _yaml_bool(entry["tls-verify"], f"{registry}: tls-verify")
-        if entry.get("cert-dir"):
-            side.cert_dir = str(entry["cert-dir"])
-        creds = entry.get("credentials")
-        if isinstance(creds, dict) and (creds.get("username") or creds.get("password")):
-            side.credentials = Credentials(
-                username=str(creds.get("username", "")), password=str(creds.get("password", ""))
-            )
+        side = entry_side(entry, base_side, str(registry))
         host = Reference.parse(f"{registry}/x").registry
         out.sides[host] = side
         ctx.source_sides[host] = side
