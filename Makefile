@@ -1,11 +1,13 @@
 # Convenience targets. The real work is in scripts/ and bench/.
-.PHONY: test demo bench bench-dist
+.PHONY: test demo bench bench-dist bench-lifecycle
 
 PYTHON ?= .venv/bin/python
 # make bench BENCH_ARGS="--sizes 64M,256M,1G --runs 5"
 BENCH_ARGS ?=
 # make bench-dist DIST_BENCH_ARGS="--images 16 --workers 1,2,4 --runs 5"
 DIST_BENCH_ARGS ?=
+# make bench-lifecycle LIFECYCLE_BENCH_ARGS="--tags 1000 --runs 3"
+LIFECYCLE_BENCH_ARGS ?=
 
 test:
 	bash scripts/test.sh
@@ -18,3 +20,6 @@ bench:
 
 bench-dist:
 	PYTHONPATH=. $(PYTHON) -m bench.dist_bench $(DIST_BENCH_ARGS)
+
+bench-lifecycle:
+	PYTHONPATH=. $(PYTHON) -m bench.lifecycle_bench $(LIFECYCLE_BENCH_ARGS)

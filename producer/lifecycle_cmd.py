@@ -69,7 +69,7 @@ def add_prune_parser(verb: Callable[..., argparse.ArgumentParser]) -> None:
         default=None,
         help="obey the per-registry limits and backoff shared through this Redis (default: $FERRY_QUEUE)",
     )
-    add_bool(p, "--quiet", "-q", help="print only the summary line")
+    add_bool(p, "--quiet", "-q", help="print only errors and the summary line")
     add_side_flags(p)
     add_retry_flags(p)
 
@@ -150,8 +150,8 @@ def _print_prune(args: argparse.Namespace, report: Any) -> None:
         if report.dry_run:
             for d in report.kept:
                 print(f"Would keep {d.reference}: {d.reason}")
-        for e in report.failed:
-            print(f"Error: deleting {e['reference']}: {e['error']}", file=sys.stderr)
+    for e in report.failed:  # errors print, -q or not
+        print(f"Error: deleting {e['reference']}: {e['error']}", file=sys.stderr)
     data = report.to_json()
     what = "would delete" if report.dry_run else "deleted"
     line = (
