@@ -169,6 +169,22 @@ def test_prune_by_age_from_a_policy_file_with_a_namespace(
     assert by_tag["b:y"]["reason"] == "older than 30d" and by_tag["b:y"]["created_from"] == "config"
 
 
+def test_prune_refuses_bad_rules_and_inputs_in_one_line(tmp_path: Path, cache: Path) -> None:
+    policy = tmp_path / "p.yml"
+    policy.write_text("127.0.0.1:1:\n  images:\n    team/app: {keep-latset: 3}\n")
+    cases = [
+        (("127.0.0.1:1/team/app",), "Error: prune: no retention rule: give keep-latest, older-than or both"),
+        (("--keep-latest", "2", "127.0.0.1:1/team/app:v1"), "Error: prune takes a repository, not an image"),
+        (("--older-than", "3 days", "127.0.0.1:1/team/app"), "Error: invalid age '3 days'"),
+        (("--policy", str(policy)), f"Error: policy file {policy}: 127.0.0.1:1/team/app: unknown key(s) keep-latset"),
+    ]
+    for args, expected in cases:
+        proc = prune(*args, cache=cache, check=False)
+        assert proc.returncode == 1 and proc.stderr.startswith(expected) and len(proc.stderr.splitlines()) == 1, (
+            proc.stderr
+        )
+
+
 def test_prune_on_a_registry_that_refuses_deletes_says_so_in_one_line(
     registry_factory: RegistryFactory, unique_repo: str, cache: Path
 ) -> None:

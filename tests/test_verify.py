@@ -158,3 +158,24 @@ def test_verify_quiet_still_prints_errors(
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1 and f"{registry2.host}/q" in errors[0], proc.stderr
     assert proc.stdout == ""
+
+
+def test_verify_an_oci_layout_destination_finds_a_removed_blob_file(
+    registry: RegistryServer, unique_repo: str, tmp_path: Path, cache: Path
+) -> None:
+    repo = f"{unique_repo}/app"
+    app = images(repo, ["v1", "v2"])
+    push_all(registry, repo, app)
+    layout = tmp_path / "layout"
+    args = ("--src", "docker", "--dest", "oci", "--src-tls-verify=false", f"{registry.host}/{repo}", str(layout))
+    ferry("sync", *args, cache=cache)
+    report = tmp_path / "v.json"
+    assert verify(*args, cache=cache, report=report, check=True)["tags_complete"] == 2
+
+    lost = app["v2"].layers[0].digest
+    (layout / "blobs" / "sha256" / lost.hex).unlink()
+    bad = verify(*args, cache=cache, report=report, check=False)
+    assert bad["missing_blobs"] == [
+        {"destination": f"oci:{layout}:app:v2", "manifest": str(app["v2"].digest), "digest": str(lost)}
+    ]
+    assert bad["complete"] is False and bad["tags_complete"] == 1
