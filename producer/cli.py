@@ -15,7 +15,7 @@ from typing import Any
 
 from worker.registry import FerryError, InvalidInput
 
-from . import verbs
+from . import deadline, verbs
 from .completion import _verbs
 from .options import BOOL_FLAGS, add_bool, add_retry_flags, add_side_flags, normalize_argv, parse_bool, value_flags
 
@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--policy", help=argparse.SUPPRESS)
     parser.add_argument("--registries-conf", help=argparse.SUPPRESS)
     parser.add_argument("--tmpdir", help="directory for temporary files (archives)")
+    parser.add_argument(
+        "--command-timeout",
+        type=_duration,
+        default=None,
+        metavar="DURATION",
+        help="stop the whole command after DURATION (30s, 5m, 1h30m); nothing incomplete is committed",
+    )
     _platform_overrides(parser)
     parser.add_argument("--version", "-v", action="version", version=f"ferry version {VERSION}")
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND", parser_class=_Parser)
@@ -147,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     lifecycle_cmd.add_parsers(sub, verb)
     distributed.add_parsers(sub, verb)
     return parser
+
+
+def _duration(text: str) -> tuple[float, str]:
+    from .options import parse_duration
+
+    return parse_duration(text), text
 
 
 def _bool_or_none(text: str) -> bool:
@@ -231,6 +244,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    if args.command_timeout:
+        deadline.arm(args.command_timeout[0], args.command_timeout[1])
+    code = _run(handler, args)
+    if deadline.expired():
+        # threads still stuck in a transfer must not hold the exit past the deadline
+        deadline.exit_now(code)
+    deadline.disarm()
+    return code
+
+
+def _run(handler: Handler, args: argparse.Namespace) -> int:
     try:
         return handler(args)
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ from worker.engine.steps import EngineContext
 from worker.engine.transports import ImageName
 from worker.registry import InvalidInput, Platform
 
+from . import deadline
 from .options import add_bool, add_retry_flags, add_shared_authfile, add_side_flags, side_config
 from .progress import make_progress, summary_line
 
@@ -154,15 +155,27 @@ def run_embedded(
     old_term = signal.signal(signal.SIGTERM, interrupt)
     progress.start(plan)
     try:
-        report = executor.run(plan)
+        # --command-timeout cancels the run like a Ctrl-C: nothing incomplete is written
+        with deadline.cancels(ctx.cancel.set):
+            report = executor.run(plan)
     finally:
         progress.stop()
         signal.signal(signal.SIGINT, old)
         signal.signal(signal.SIGTERM, old_term)
     if report.ok:
-        # archives are written only when every image in them is complete
-        ctx.commit()
+        # archives are written only when every image in them is complete; a deadline never cuts a commit in half
+        with deadline.shielded():
+            ctx.commit()
     return report
+
+
+def interrupted(report: Report) -> int:
+    """The line and exit code of a cancelled run: Ctrl-C (130) or --command-timeout (1)."""
+    if deadline.expired():
+        print(f"Error: {deadline.message()}; no tag was written for incomplete images", file=sys.stderr)
+        return 1
+    print("Error: interrupted; no tag was written for incomplete images", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def copy(args: argparse.Namespace) -> int:
@@ -184,8 +197,7 @@ def copy(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(summary_line(report), file=sys.stderr)
     if report.cancelled:
-        print("Error: interrupted; no tag was written for incomplete images", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return interrupted(report)
     if not report.ok:
         for img in report.failed:
             print(f"Error: copying {img.source} to {img.destination}: {img.error}", file=sys.stderr)

@@ -24,7 +24,7 @@ from worker.engine.sync import (
 from worker.engine.verify import VerifyReport
 from worker.registry import InvalidInput
 
-from .copy_cmd import EXIT_INTERRUPTED, add_copy_flags, copy_options, engine_context, queue_url, run_embedded
+from .copy_cmd import add_copy_flags, copy_options, engine_context, interrupted, queue_url, run_embedded
 from .options import add_bool
 from .progress import human_bytes, summary_line
 
@@ -154,7 +154,7 @@ def sync(args: argparse.Namespace) -> int:
         extra = f"; {len(deleted)} tag(s) deleted" if args.delete else ""
         print(summary_line(report) + extra, file=sys.stderr)
     if report.cancelled:
-        return EXIT_INTERRUPTED
+        return interrupted(report)
     failed = report.failed
     if failed:
         for img in failed:

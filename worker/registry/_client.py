@@ -51,6 +51,7 @@ from ._errors import (
     Unsupported,
     is_temporary,
 )
+from ._stall import StallGuard, TransferStalled, env_min_rate, env_window
 from ._tls import ssl_context
 from ._types import MANIFEST_ACCEPT, Descriptor, Digest
 from ._verify import verify_stream
@@ -148,6 +149,9 @@ class ClientOptions:
     gate: RequestGate | None = None
     #: tag list and catalog pagination stops with an error after this many pages
     max_pages: int = 10_000
+    #: a body slower than ``min_rate`` bytes/s over ``stall_window`` seconds fails as a timeout (0: no check)
+    min_rate: float = field(default_factory=env_min_rate)
+    stall_window: float = field(default_factory=env_window)
 
 
 @dataclass(frozen=True)
@@ -212,6 +216,8 @@ def translate_transport_error(exc: httpx.HTTPError, host: str) -> FerryError:
         return UnknownHost(f"cannot resolve registry host {host!r}")
     if "CERTIFICATE_VERIFY_FAILED" in text:
         return TLSError(f"TLS certificate of {host} is not trusted")
+    if isinstance(exc, (TransferStalled, httpx.WriteTimeout)) and "stalled" in text:
+        return RequestTimeout(f"transfer with {host} too slow: {text}")
     if isinstance(exc, httpx.TimeoutException):
         return RequestTimeout(f"request to {host} timed out")
     if isinstance(exc, httpx.ConnectError):
@@ -297,13 +303,16 @@ class RegistryClient:
     def _make_http(self) -> httpx.Client:
         opts = self.options
         verify: ssl.SSLContext | bool = ssl_context(self.host, verify=opts.tls_verify, cert_dir=opts.cert_dir)
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+        # every body is held to a minimum rate: a trickling server cannot reset the read timeout for ever
+        inner = opts.transport or httpx.HTTPTransport(verify=verify, limits=limits)
         return httpx.Client(
             verify=verify,
             timeout=httpx.Timeout(opts.timeout, connect=min(opts.timeout, 30.0)),
             headers={"User-Agent": opts.user_agent},
             follow_redirects=False,
-            transport=opts.transport,
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+            transport=StallGuard(inner, opts.min_rate, opts.stall_window),
+            limits=limits,
         )
 
     def close(self) -> None:

@@ -25,6 +25,7 @@
      +-- ManifestError             manifest too large, malformed or of an unknown type
      +-- CopyFailed                an image could not be copied (wraps the cause)
      +-- Cancelled                 the user interrupted
+          +-- TimedOut             the command ran past --command-timeout
 
 httpx errors are translated into this tree in exactly one place,
 ``_client.translate_transport_error``. ``is_temporary`` decides what is
@@ -145,6 +146,10 @@ class CopyFailed(FerryError):
 
 
 class Cancelled(FerryError):
+    pass
+
+
+class TimedOut(Cancelled):
     pass
 
 
