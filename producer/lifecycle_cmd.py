@@ -125,7 +125,7 @@ def prune_cmd(args: argparse.Namespace) -> int:
     except DeletesRefused as exc:
         raise InvalidInput(
             f"{exc} -- the registry does not allow deletes (distribution: set storage.delete.enabled: true); "
-            "nothing was deleted"
+            "nothing was deleted there"
         ) from None
     finally:
         pool.close()

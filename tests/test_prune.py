@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from tests.harness.images import (
+    RegistryAuth,
     build_image,
     build_index,
     cosign_signature_tag,
@@ -200,6 +201,42 @@ def test_prune_on_a_registry_that_refuses_deletes_says_so_in_one_line(
     assert "storage.delete.enabled" in lines[0] and "Traceback" not in proc.stderr
     assert tag_digests(reg, unique_repo) == before
     assert not list((cache / "prune").glob("*.jsonl"))  # nothing left to resume
+
+
+def test_a_refused_deletion_fails_its_repository_only(
+    registry_factory: RegistryFactory, unique_repo: str, tmp_path: Path, cache: Path
+) -> None:
+    reg = registry_factory(auth="token")
+    assert reg.token_server is not None
+    auth = (reg.username or "", reg.password or "")
+    for repo in ("open", "locked"):
+        for v in ("1.0.0", "2.0.0", "3.0.0"):
+            push_image(
+                reg.url, f"{unique_repo}/{repo}", v, build_image(f"{unique_repo}/{repo}/{v}"), auth=RegistryAuth(*auth)
+            )
+    # the token server grants everything but DELETE on .../locked
+    reg.token_server.authorizer = lambda user, typ, name, actions: [
+        a for a in actions if not (a in ("delete", "*") and name.endswith("/locked"))
+    ]
+
+    def tags(repo: str) -> set[str]:
+        with reg.client(auth=RegistryAuth(*auth)) as c:
+            return set(c.get(f"/v2/{unique_repo}/{repo}/tags/list").json()["tags"])
+
+    policy = tmp_path / "p.yml"
+    policy.write_text(f"{reg.host}:\n  tls-verify: false\n  keep-latest: 1\n  catalog: {{prefix: {unique_repo}/}}\n")
+    report = tmp_path / "r.json"
+    proc = ferry("prune", "--policy", str(policy), "--creds", f"{auth[0]}:{auth[1]}", "--summary-json", str(report),
+                 cache=cache, check=False)  # fmt: skip
+    assert proc.returncode == 1
+    assert tags("open") == {"3.0.0"}
+    assert tags("locked") == {"1.0.0", "2.0.0", "3.0.0"}
+    data = json.loads(report.read_text())
+    assert sorted(f["reference"].rsplit(":", 1)[1] for f in data["failed"]) == ["1.0.0", "2.0.0"]
+    assert all("locked" in f["reference"] for f in data["failed"])
+    assert [ln for ln in proc.stderr.splitlines() if ln.startswith("Error: ")] == [
+        f"Error: deleting {f['reference']}: {f['error']}" for f in data["failed"]
+    ]
 
 
 def test_prune_killed_half_way_finishes_on_a_rerun_and_deletes_nothing_twice(
