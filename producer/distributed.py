@@ -60,6 +60,7 @@ def enqueue_images(plan: Plan, job_id: str, images: list[ImagePlan]) -> int:
     """Per image: a chord of blob tasks whose callback (the finalizer) pushes the manifests and tags."""
     from celery import chord
 
+    from worker.task_labels import image_label
     from worker.tasks import copy_blob, finalize_image
 
     _no_result_subscriptions()
@@ -84,7 +85,8 @@ def enqueue_images(plan: Plan, job_id: str, images: list[ImagePlan]) -> int:
                         step.mount_from,
                     )
                 )
-        body = finalize_image.si(job_id, img.id)
+        # Flower shows the finalizer with its image's name (its arguments hold only ids)
+        body = finalize_image.si(job_id, img.id).set(argsrepr=image_label(job_id, img.destination, img.id))
         if header:
             chord(header)(body)
         else:
@@ -188,8 +190,7 @@ def _write_job_outputs(args: argparse.Namespace, summary: dict[str, Any]) -> Non
                     f.write(f"{i.get('digest', '')} {i['destination']}\n")
 
 
-def _totals(state: Any, job_id: str) -> dict[str, Any]:
-    blobs = state.blobs(job_id)
+def _totals(state: Any, job_id: str, blobs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     images = state.images(job_id)
     done = [b for b in blobs.values() if b.get("status") == "done"]
     return {
@@ -218,7 +219,12 @@ def job_summary(state: Any, job_id: str) -> dict[str, Any]:
         "created": float(job.get("created", 0) or 0),
         "finished": float(job.get("finished", 0) or 0),
     }
-    out.update(_totals(state, job_id))
+    from worker import telemetry
+
+    blobs = state.blobs(job_id)
+    out.update(_totals(state, job_id, blobs))
+    # live progress: bytes in flight, rate, ETA, and the transfers running now with their workers
+    out.update(telemetry.job_progress(state.r, job_id, blobs))
     out["images"] = [{"id": k, **v} for k, v in sorted(images.items(), key=lambda kv: int(kv[0][1:] or 0))]
     out["failed"] = [
         {"source": v["source"], "destination": v["destination"], "error": v.get("error", "")}
@@ -249,7 +255,7 @@ def follow(state: Any, job_id: str, *, quiet: bool = False, poll: float = 0.5) -
                     task = progress.add_task(f"job {job_id}", total=summary["bytes_total"] or 1)
                 progress.update(
                     task,
-                    completed=summary["bytes_transferred"],
+                    completed=summary["bytes_done"],
                     description=f"job {job_id}: {summary['images_done']}/{summary['images_total']} images",
                 )
             for img in summary["images"]:
@@ -302,6 +308,10 @@ def _queue_arg(args: argparse.Namespace) -> str:
 
 def job_status(args: argparse.Namespace) -> int:
     state = _state(_queue_arg(args))
+    if args.watch:
+        from .monitor import watch
+
+        return watch(state, args.job, as_json=args.json)
     summary = job_summary(state, args.job)
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -439,7 +449,12 @@ def add_parsers(sub: Any, verb: Callable[..., argparse.ArgumentParser]) -> None:
 
     jp = jverb("status", job_status, "Show a job: per image done / running / failed, bytes and blobs moved")
     jp.add_argument("job", metavar="JOB-ID")
-    add_bool(jp, "--json", help="print JSON")
+    add_bool(jp, "--json", help="print JSON (with --watch: one JSON object per line)")
+    add_bool(jp, "--watch", "-w", help="follow the job live until it ends: bytes in flight, rate, ETA, workers")
+    jp = jverb("watch", job_status, "Follow a job live until it ends (job status --watch)")
+    jp.set_defaults(watch=True)
+    jp.add_argument("job", metavar="JOB-ID")
+    add_bool(jp, "--json", help="print one JSON object per line")
     jp = jverb("list", job_list, "List recent jobs")
     add_bool(jp, "--json", help="print JSON")
     jp.add_argument("--limit", type=int, default=50)
@@ -451,6 +466,15 @@ def add_parsers(sub: Any, verb: Callable[..., argparse.ArgumentParser]) -> None:
     add_bool(jp, "--wait", help="follow the job until it ends")
     jp = jverb("wait", lambda a: follow(_state(_queue_arg(a)), a.job), "Follow a job until it ends")
     jp.add_argument("job", metavar="JOB-ID")
+
+    from .monitor import DEFAULT_EXPORTER_PORT, exporter
+
+    p = verb("exporter", exporter, "Serve Ferry's Prometheus metrics (bytes, blobs, images, retries, queues)")
+    queue_flag(p)
+    p.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument(
+        "--port", type=int, default=DEFAULT_EXPORTER_PORT, help=f"port to listen on (default {DEFAULT_EXPORTER_PORT})"
+    )
 
     p = verb("limit", limit, "Set or show per-registry limits shared by all workers")
     queue_flag(p)

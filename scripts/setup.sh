@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install what Ferry and its tests need: Debian's docker-registry, skopeo and redis-server
+# Install what Ferry and its tests need: Debian's docker-registry, skopeo, redis-server, chromium and tmux
 # (when missing and we are root), and a virtualenv at .venv with Ferry and its test tools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +8,9 @@ need=()
 command -v docker-registry >/dev/null 2>&1 || [ -x /usr/bin/docker-registry ] || need+=(docker-registry)
 command -v skopeo >/dev/null 2>&1 || need+=(skopeo)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+# the operability tests look at Flower in headless Chromium and at `ferry job watch` in tmux
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v tmux >/dev/null 2>&1 || need+=(tmux)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "setup: installing ${need[*]} from Debian" >&2

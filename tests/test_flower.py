@@ -126,7 +126,7 @@ def test_flower_shows_ferry_tasks_with_readable_arguments_and_metrics(
     shown = " ".join(str(t.get("args")) for t in blob_tasks)
     for digest in layer_digests | {str(img.config_digest)}:
         assert digest in shown, f"{digest} not among the arguments Flower shows: {shown}"
-    assert f"docker://{registry2.host}/{unique_repo}:v1" in shown
+    assert f"image={registry2.host}/{unique_repo}:v1" in shown
     assert all(t.get("state") == "SUCCESS" for t in blob_tasks)
 
     metrics = httpx.get(flower + "/metrics", timeout=10).text

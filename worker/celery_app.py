@@ -50,7 +50,8 @@ def transport_options(timeout: int | None = None) -> dict[str, int]:
 
 def make_app(url: str | None = None) -> Celery:
     url = url or queue_url()
-    celery = Celery("ferry", broker=url, backend=url, include=["worker.tasks"])
+    # FerryTask: Flower's task list shows "job=… image=… digest=…" instead of raw argument tuples
+    celery = Celery("ferry", broker=url, backend=url, include=["worker.tasks"], task_cls="worker.task_labels:FerryTask")
     transport = transport_options()
     celery.conf.update(
         task_serializer="json",

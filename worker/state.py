@@ -8,7 +8,7 @@ texts (which the registry client builds without secrets).
 Keys (all under ``ferry:``)::
 
     jobs                      zset   job id -> created time
-    job:{id}                  hash   kind, state, created, finished, images, options
+    job:{id}                  hash   kind, state, created, finished, images, ended, failed, options
     job:{id}:plan             string the plan as JSON (manifests included; a few KB per image)
     job:{id}:images           hash   image id -> JSON {source, destination, status, error, digest}
     job:{id}:blobs            hash   step id -> JSON {digest, size, status, action, bytes, attempts, error}
@@ -21,6 +21,8 @@ Keys (all under ``ferry:``)::
     sem:{host}                zset   holders of a per-host transfer slot -> expiry time
     limits                    hash   host -> JSON {concurrency, rps}
     rate:{host}:{second}      string requests counted in that second
+
+Live progress and metrics counters live under ``ferry:telemetry:`` (``worker.telemetry``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Any, cast
 
 import redis
 
+from worker import telemetry
 from worker.engine.plan import ManifestStep, Plan
 from worker.registry import HeldOff
 
@@ -145,6 +148,9 @@ class SharedState:
         for suffix in ("", ":plan", ":images", ":blobs", ":manifests", ":image_blobs"):
             pipe.expire(key + suffix, JOB_TTL)
         pipe.execute()
+        # images that end at creation (already up to date, or nothing to copy) count as outcomes too
+        statuses = [rec["status"] for rec in map(json.loads, images.values())]
+        telemetry.count_images(self.r, [status for status in statuses if status in TERMINAL])
         return job_id
 
     def job_exists(self, job_id: str) -> bool:
@@ -242,6 +248,8 @@ class SharedState:
         was_failed, is_failed = old in ("failed", "cancelled"), new in ("failed", "cancelled")
         if was_failed != is_failed:
             self.r.hincrby(key, "failed", 1 if is_failed else -1)
+        if is_ended and not was_ended:
+            telemetry.count_images(self.r, [cast(str, new)])
         if was_ended != is_ended:
             ended = int(self.r.hincrby(key, "ended", 1 if is_ended else -1))
             if is_ended and ended >= int(cast(str, self.r.hget(key, "images") or 0)):
@@ -273,7 +281,9 @@ class SharedState:
         job = self.job(job_id)
         failed = int(job.get("failed", 0) or 0) > 0
         state = "cancelled" if self.cancelled(job_id) else ("failed" if failed else "done")
-        self.set_job(job_id, state=state, finished=time.time())
+        finished = time.time()
+        self.set_job(job_id, state=state, finished=finished)
+        telemetry.job_ended(self.r, job_id, str(job.get("kind", "")), state, float(job.get("created", 0)), finished)
 
     def refresh_job_state(self, job_id: str) -> None:
         """End the job now if every image already has (an up-to-date set ends at once)."""
@@ -418,4 +428,5 @@ class RedisGate:
                 time.sleep(max(second + 1 - time.time(), 0.01))
 
     def on_throttled(self, host: str, retry_after: float) -> None:
+        telemetry.count(self.state.r, "registry_throttled", registry=host)
         self.state.set_backoff(host, retry_after)

@@ -23,6 +23,7 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Retry
 
+from worker import telemetry
 from worker.celery_app import app, visibility_timeout
 from worker.engine.plan import BlobStep, ManifestStep
 from worker.engine.steps import EngineContext, blob_store, existing_blob, run_manifest_step, transfer_blob
@@ -141,6 +142,19 @@ def _worker_name(task: Task) -> str:
     return str(getattr(task.request, "hostname", None) or socket.gethostname())
 
 
+def _meter(job_id: str, step: BlobStep, worker: str) -> telemetry.TransferMeter:
+    return telemetry.TransferMeter(
+        _state().r,
+        job_id=job_id,
+        step_id=step.id,
+        digest=step.digest,
+        size=step.size,
+        worker=worker,
+        source_registry=_host(step.source),
+        destination_registry=_host(step.destination),
+    )
+
+
 def _fail_images(job_id: str, step_id: str, image_ids: list[str], error: str) -> None:
     state = _state()
     state.update_blob(job_id, step_id, status="failed", error=error)
@@ -194,17 +208,20 @@ def copy_blob(
                             # the registry's transfer slots are all taken: queue up again shortly
                             raise self.retry(countdown=1.0 + random.random() * 2, max_retries=None)
                         state.blob_attempt(job_id, step_id, worker)
-                        with _heartbeat(ctx, job_id, store, digest, token):
+                        meter = _meter(job_id, step, worker)
+                        with _heartbeat(ctx, job_id, store, digest, token), telemetry.metering(ctx, meter):
                             result = transfer_blob(ctx, step)
             finally:
                 state.release_lock(store, digest, token)
         state.update_blob(job_id, step_id, status="done", action=result.action, bytes=result.bytes, worker=worker)
+        telemetry.count_blob(state.r, result.action, _host(destination))
         return {"digest": digest, "action": result.action, "bytes": result.bytes}
     except Retry:
         raise
     except FerryError as exc:
         if state.cancelled(job_id):
             state.update_blob(job_id, step_id, status="cancelled")
+            telemetry.count_blob(state.r, "cancelled", _host(destination))
             return {"digest": digest, "action": "cancelled"}
         error = " ".join(str(exc).split())
         # every temporary failure counts, wherever it happened (HEAD, mount or transfer)
@@ -213,7 +230,9 @@ def copy_blob(
         limit = int(json.loads(_job_options(job_id)).get("task_retries", DEFAULT_TASK_RETRIES))
         if is_temporary(exc) and failures <= limit and not ctx.cancel.is_set():
             countdown = getattr(exc, "retry_after", None) or min(60.0, 2.0**failures) * random.uniform(0.5, 1.0)
+            telemetry.count(state.r, "blob_retries", registry=_host(destination), reason=type(exc).__name__)
             raise self.retry(countdown=countdown, max_retries=None) from exc
+        telemetry.count_blob(state.r, "failed", _host(destination))
         _fail_images(job_id, step_id, images, error)
         raise
     except Exception as exc:

@@ -65,6 +65,8 @@ class EngineContext:
     cancel: threading.Event = field(default_factory=threading.Event)
     #: called with the byte count of every chunk streamed
     on_bytes: Callable[[str, int], None] | None = None
+    #: called with the digest when a blob's streaming attempt starts (a retried upload restarts from byte 0)
+    on_attempt: Callable[[str], None] | None = None
     pool: ClientPool = field(default_factory=ClientPool)
     _sources: dict[str, ImageSource] = field(default_factory=dict)
     _dests: dict[str, ImageDestination] = field(default_factory=dict)
@@ -209,6 +211,8 @@ def transfer_blob(ctx: EngineContext, step: BlobStep) -> BlobResult:
     def transfer() -> BlobResult:
         if ctx.cancel.is_set():
             raise Cancelled("copy interrupted")
+        if ctx.on_attempt is not None:
+            ctx.on_attempt(step.digest)
         # A failed attempt restarts the whole upload session: a streamed body cannot be replayed.
         with src.open_blob(desc) as chunks:
             dest.put_blob(desc, _stream(ctx, step.digest, chunks))
