@@ -68,12 +68,15 @@ def test_prune_by_semver_count_keeps_what_kept_tags_need_and_takes_signatures_al
     img = {v: build_image(f"{repo}/{v}", layers=[300]) for v in ("0.9.0", "1.0.0", "1.1.0", "2.0.0", "3.0.0")}
     amd, arm = (build_image(f"{repo}/1.2.0/{p}", layers=[200], platform=p) for p in ("linux/amd64", "linux/arm64"))
     idx = build_index([amd, arm])
+    kept_idx = build_index([build_image(f"{repo}/multi/{p}", platform=p) for p in ("linux/amd64", "linux/arm64")])
     with registry.client() as c:
         for tag, image in img.items():
             push_image(c, repo, tag, image)
         push_image(c, repo, "latest", img["1.0.0"])  # shares 1.0.0's digest
         push_index(c, repo, "1.2.0", idx)
         push_image(c, repo, "arm-1.2.0", arm)  # a kept tag on a child of the index that goes
+        push_index(c, repo, "multi", kept_idx)  # a kept index ...
+        push_image(c, repo, "1.0.5", kept_idx.children[0])  # ... lists the manifest of a tag due for deletion
     sig_old = push_cosign_signature(registry.url, repo, img["1.1.0"])
     ref_old = push_artifact_referrer(registry.url, repo, img["1.1.0"])
     sig_new = push_cosign_signature(registry.url, repo, img["3.0.0"])
@@ -112,6 +115,8 @@ def test_prune_by_semver_count_keeps_what_kept_tags_need_and_takes_signatures_al
         "3.0.0": "among the 2 latest by semver",
         "latest": "not selected by include-tags",
         "arm-1.2.0": "not selected by include-tags",
+        "multi": "not selected by include-tags",
+        "1.0.5": "the kept index multi lists its manifest",
     }
     assert "nothing was deleted" in proc.stderr
 
@@ -122,6 +127,7 @@ def test_prune_by_semver_count_keeps_what_kept_tags_need_and_takes_signatures_al
     assert after[cosign_signature_tag(img["3.0.0"].digest)] == str(sig_new.digest)  # a kept image keeps its own
     assert not has_manifest(registry, repo, str(amd.digest)) and not has_manifest(registry, repo, str(ref_old.digest))
     assert has_manifest(registry, repo, str(arm.digest))
+    assert all(has_manifest(registry, repo, str(child.digest)) for child in kept_idx.children)
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["manifests_deleted"] == 6 and run["failed"] == [] and run["dry_run"] is False
     # nothing left to do: a second run deletes nothing

@@ -56,7 +56,7 @@ from worker.registry import (
 from worker.registry import Manifest as RegistryManifest
 
 from .executor import describe_error
-from .manifest import INDEX_TYPES, parse_manifest
+from .manifest import IMAGE_TYPES, INDEX_TYPES, parse_manifest
 from .semver import Version
 from .sync import entry_side
 from .transports import ClientPool, SideConfig
@@ -415,7 +415,9 @@ def decide(
             going.append(decision(tag, ", ".join(x for x in (beyond, f"older than {age}") if x)))
         else:
             kept.append(decision(tag, f"not older than {age}"))
-    return _protect(cache, pool, going, kept, signatures, name)
+    # only manifests whose HEAD said "image" cannot list others; any other (or no) type is read
+    images = {str(h.digest) for h in heads if h is not None and h.media_type in IMAGE_TYPES}
+    return _protect(cache, pool, going, kept, signatures, name, images)
 
 
 def _rank(
@@ -447,11 +449,15 @@ def _protect(
     kept: list[Decision],
     signatures: dict[str, str],
     name: str,
+    single: set[str],
 ) -> tuple[list[Decision], list[Decision]]:
-    """Keep what a kept tag still needs; add what deleted images take along; sizes for everything that goes."""
+    """Keep what a kept tag still needs; add what deleted images take along; sizes for everything that goes.
+
+    ``single``: digests a HEAD showed to be single-image manifests, which list no other manifest.
+    """
     kept_tag_of = {d.digest: d.reference.rsplit(":", 1)[1] for d in kept}
     listed_by: dict[str, str] = {}
-    kept_indexes = sorted(kept_tag_of)
+    kept_indexes = sorted(d for d in kept_tag_of if d not in single)
     for digest, children in zip(kept_indexes, _map(pool, cache.children, kept_indexes), strict=True):
         for child in children:
             listed_by.setdefault(child, kept_tag_of[digest])
