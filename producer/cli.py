@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--user-agent-prefix", metavar="PREFIX", help="prefix to add to the User-Agent sent to registries"
     )
     parser.add_argument("--tls-details", metavar="PATH", help=argparse.SUPPRESS)
-    add_bool(parser, "--insecure-policy", help="accepted for skopeo compatibility (Ferry does not verify signatures)")
-    parser.add_argument("--policy", help=argparse.SUPPRESS)
+    from . import trust_cmd
+
+    trust_cmd.add_global_flags(parser)
     parser.add_argument("--registries-conf", help=argparse.SUPPRESS)
     parser.add_argument("--tmpdir", help="directory for temporary files (archives)")
     parser.add_argument(
@@ -153,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     lifecycle_cmd.add_parsers(sub, verb)
     distributed.add_parsers(sub, verb)
+    trust_cmd.add_parsers(sub, verb)
     return parser
 
 

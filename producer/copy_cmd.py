@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from worker.engine.copy import CopyJob, build_plan
 from worker.engine.executor import EmbeddedExecutor, Report
@@ -19,9 +19,12 @@ from worker.engine.steps import EngineContext
 from worker.engine.transports import ImageName
 from worker.registry import InvalidInput, Platform
 
-from . import deadline
+from . import deadline, trust_cmd
 from .options import add_bool, add_retry_flags, add_shared_authfile, add_side_flags, side_config
 from .progress import make_progress, summary_line
+
+if TYPE_CHECKING:
+    from worker.engine.trust import Signer
 
 EXIT_INTERRUPTED = 130
 
@@ -44,7 +47,7 @@ def add_copy_flags(p: argparse.ArgumentParser) -> None:
     add_bool(p, "--preserve-digests", help="fail rather than change any digest (no conversion, no subset)")
     p.add_argument("--format", "-f", choices=("oci", "v2s2"), default=None, help="manifest format at the destination")
     add_bool(p, "--remove-signatures", help="do not copy signatures")
-    p.add_argument("--sign-by", help=argparse.SUPPRESS)
+    trust_cmd.add_copy_flags(p)
     p.add_argument(
         "--image-parallel-copies",
         type=int,
@@ -95,8 +98,6 @@ def queue_url(args: argparse.Namespace) -> str | None:
 
 
 def copy_options(args: argparse.Namespace) -> CopyOptions:
-    if args.sign_by:
-        raise InvalidInput("--sign-by: Ferry does not sign images (copy signatures along, or sign with cosign)")
     multi: MultiArch = args.multi_arch or ("all" if args.all else "system")
     if args.all and args.multi_arch not in (None, "all"):
         raise InvalidInput("--all and --multi-arch cannot disagree")
@@ -121,12 +122,18 @@ def copy_options(args: argparse.Namespace) -> CopyOptions:
     )
 
 
-def engine_context(args: argparse.Namespace) -> EngineContext:
+def engine_context(args: argparse.Namespace, *, trust: bool = True) -> EngineContext:
+    """Transports, caches and (``trust``: copy and sync) the trust policy every image must pass."""
     src_side = side_config(args, "src-")
     dest_side = side_config(args, "dest-")
     from worker.engine.blobcache import SqliteBlobLocations
 
-    return EngineContext(source_side=src_side, dest_side=dest_side, locations=SqliteBlobLocations())
+    return EngineContext(
+        source_side=src_side,
+        dest_side=dest_side,
+        locations=SqliteBlobLocations(),
+        admission=trust_cmd.admission(args) if trust else None,
+    )
 
 
 def write_outputs(args: argparse.Namespace, report: Report, plan: Plan) -> None:
@@ -142,7 +149,13 @@ def write_outputs(args: argparse.Namespace, report: Report, plan: Plan) -> None:
 
 
 def run_embedded(
-    args: argparse.Namespace, ctx: EngineContext, plan: Plan, quiet: bool, *, fail_fast: bool = False
+    args: argparse.Namespace,
+    ctx: EngineContext,
+    plan: Plan,
+    quiet: bool,
+    *,
+    fail_fast: bool = False,
+    signer: Signer | None = None,
 ) -> Report:
     progress = make_progress(quiet)
     ctx.on_bytes = progress.on_bytes
@@ -158,6 +171,9 @@ def run_embedded(
         # --command-timeout cancels the run like a Ctrl-C: nothing incomplete is written
         with deadline.cancels(ctx.cancel.set):
             report = executor.run(plan)
+            if signer is not None and not report.cancelled:
+                # once per image, after its manifests are written (and for images already there, if unsigned)
+                trust_cmd.sign_report(ctx, plan, report, signer)
     finally:
         progress.stop()
         signal.signal(signal.SIGINT, old)
@@ -183,14 +199,17 @@ def copy(args: argparse.Namespace) -> int:
     dest = ImageName.parse(args.destination)
     options = copy_options(args)
     queue = queue_url(args)
+    signing = trust_cmd.signing_config(args)
+    trust_cmd.check_signable(signing, [str(dest)])
+    signer = None if queue else trust_cmd.load_signer(signing)
     ctx = engine_context(args)
     try:
         plan, _ = build_plan(ctx, [CopyJob(src, dest)], options)
         if queue:
             from .distributed import submit_plan
 
-            return submit_plan(args, plan, queue, kind="copy")
-        report = run_embedded(args, ctx, plan, args.quiet)
+            return submit_plan(args, plan, queue, kind="copy", signing=signing)
+        report = run_embedded(args, ctx, plan, args.quiet, signer=signer)
     finally:
         ctx.close()
     write_outputs(args, report, plan)

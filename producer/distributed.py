@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from worker.engine.plan import BlobStep, ImagePlan, Plan
 from worker.redis_url import masked, unreachable
@@ -16,6 +16,9 @@ from worker.registry import InvalidInput
 
 from .options import add_bool, effective_tls_verify, user_agent
 from .progress import human_bytes
+
+if TYPE_CHECKING:
+    from worker.engine.trust import SigningConfig
 
 EXIT_INTERRUPTED = 130
 
@@ -56,7 +59,7 @@ def job_options(args: argparse.Namespace, source_sides: dict[str, Any] | None = 
     }
 
 
-def enqueue_images(plan: Plan, job_id: str, images: list[ImagePlan]) -> int:
+def enqueue_images(plan: Plan, job_id: str, images: list[ImagePlan], *, sign: bool = False) -> int:
     """Per image: a chord of blob tasks whose callback (the finalizer) pushes the manifests and tags."""
     from celery import chord
 
@@ -85,8 +88,11 @@ def enqueue_images(plan: Plan, job_id: str, images: list[ImagePlan]) -> int:
                         step.mount_from,
                     )
                 )
-        # Flower shows the finalizer with its image's name (its arguments hold only ids)
-        body = finalize_image.si(job_id, img.id).set(argsrepr=image_label(job_id, img.destination, img.id))
+        # Flower shows the finalizer with its image's name (its arguments hold only ids, and digests to sign)
+        sign_digests = img.manifests if sign and not img.attachment else None
+        body = finalize_image.si(job_id, img.id, sign_digests).set(
+            argsrepr=image_label(job_id, img.destination, img.id)
+        )
         if header:
             chord(header)(body)
         else:
@@ -131,6 +137,7 @@ def submit_plan(
     kind: str,
     source_sides: dict[str, Any] | None = None,
     on_done: Callable[[dict[str, Any]], None] | None = None,
+    signing: SigningConfig | None = None,
 ) -> int:
     """Enqueue the plan as a job; with ``--wait`` follow it, then hand its summary to ``on_done``."""
     for img in plan.images:
@@ -149,8 +156,12 @@ def submit_plan(
     state = _state(queue)
     if (getattr(args, "digestfile", None) or getattr(args, "summary_json", None)) and not args.wait:
         raise InvalidInput("--digestfile and --summary-json need --wait when the job runs on a queue")
-    job_id = state.create_job(plan, kind, job_options(args, source_sides))
-    enqueue_images(plan, job_id, plan.images)
+    options = job_options(args, source_sides)
+    if signing is not None:
+        # paths only: each worker reads the key and the passphrase from its own files
+        options["sign"] = signing.to_json()
+    job_id = state.create_job(plan, kind, options)
+    enqueue_images(plan, job_id, plan.images, sign=signing is not None)
     state.set_job(job_id, state="running")
     state.refresh_job_state(job_id)
     if not getattr(args, "quiet", False) or not args.wait:
@@ -368,7 +379,8 @@ def job_retry(args: argparse.Namespace) -> int:
         if rec.get("status") != "done":
             state.update_blob(args.job, sid, status="pending", attempts=0, error="")
     state.set_job(args.job, state="running", finished=0)
-    enqueue_images(plan, args.job, retry)
+    signed = "sign" in json.loads(state.job(args.job).get("options") or "{}")
+    enqueue_images(plan, args.job, retry, sign=signed)
     print(f"job {args.job}: re-enqueued {len(retry)} image(s)")
     if args.wait:
         return follow(state, args.job, quiet=False)

@@ -171,7 +171,7 @@ def verify_cmd(args: argparse.Namespace) -> int:
     if args.parallel < 1:
         raise InvalidInput("--parallel must be 1 or more")
     options = copy_options(args)
-    ctx = engine_context(args)
+    ctx = engine_context(args, trust=False)  # verify writes nothing: no trust policy applies
     memo = ctx.locations if isinstance(ctx.locations, SqliteBlobLocations) else None
     try:
         report = run_verify(args, ctx, sync_request(args, options), memo, None)

@@ -24,6 +24,7 @@ from worker.engine.sync import (
 from worker.engine.verify import VerifyReport
 from worker.registry import InvalidInput
 
+from . import trust_cmd
 from .copy_cmd import add_copy_flags, copy_options, engine_context, interrupted, queue_url, run_embedded
 from .options import add_bool
 from .progress import human_bytes, summary_line
@@ -70,6 +71,11 @@ def sync(args: argparse.Namespace) -> int:
         raise InvalidInput("--verify reads registries and OCI layouts (--dest docker or oci), not dir")
     from .lifecycle_cmd import run_verify  # lifecycle_cmd builds on this module's flags
 
+    signing = trust_cmd.signing_config(args)
+    if signing is not None and args.dest != "docker":
+        raise InvalidInput("signing needs --dest docker: sigstore signatures are stored in a registry")
+    queued = bool(queue_url(args))
+    signer = None if queued or args.dry_run else trust_cmd.load_signer(signing)
     ctx = engine_context(args)
     memo = ctx.locations if isinstance(ctx.locations, SqliteBlobLocations) else None
     req = sync_request(args, options)
@@ -79,6 +85,10 @@ def sync(args: argparse.Namespace) -> int:
         for w in disc.warnings:
             print(f"Warning: {w}", file=sys.stderr)
         checked = check(ctx, disc.items, req, memo, parallel=max(args.image_parallel_copies, 4))
+        if signer is not None:
+            # an image already there may still lack a signature by this key: resolve it to sign it if so
+            checked.changed += [item for item, _digest in checked.unchanged]
+            checked.unchanged = []
         failures: list[tuple[str, str, str]] = [(str(i.source), str(i.destination), e) for i, e in checked.failed]
         if failures and not args.keep_going:
             src, dst, err = failures[0]
@@ -88,6 +98,13 @@ def sync(args: argparse.Namespace) -> int:
         if rfailed and not args.keep_going:
             src, dst, err = failures[-1]
             raise InvalidInput(f"syncing {src}: {err} (use --keep-going to go on past failed images)")
+        if queued and signing is not None:
+            # a worker's finalizer signs by appending to sha256-HEX.sig; a copied .sig written by another
+            # task could replace that manifest, so on workers the source's signatures do not go along
+            carried = [r for r in resolved if r.attachment and r.destination.endswith(".sig")]
+            if carried and not quiet:
+                print(f"Note: {len(carried)} source signature tag(s) not copied: signing on workers", file=sys.stderr)
+            resolved = [r for r in resolved if all(r is not c for c in carried)]
         plan = plan_copy(resolved, options)
         if args.dry_run:
             incoming = [(i.destination, i.dest_digest) for i in plan.images]
@@ -123,12 +140,14 @@ def sync(args: argparse.Namespace) -> int:
                 if args.verify:
                     verified.append(run_verify(args, ctx, req, memo, disc))
 
-            code = submit_plan(args, plan, queue, kind="sync", source_sides=disc.sides, on_done=job_done)
+            code = submit_plan(
+                args, plan, queue, kind="sync", source_sides=disc.sides, on_done=job_done, signing=signing
+            )
             # images that failed before the job (reading the source, --keep-going) are not in it: say so here
             for src, dst, err in failures:
                 print(f"Error: {src} -> {dst}: {err}", file=sys.stderr)
             return code or (1 if failures or (verified and not verified[0].ok) else 0)
-        report = run_embedded(args, ctx, plan, quiet, fail_fast=not args.keep_going)
+        report = run_embedded(args, ctx, plan, quiet, fail_fast=not args.keep_going, signer=signer)
         for item, digest in checked.unchanged:
             outcome = ImageOutcome("", str(item.source), str(item.destination), "up-to-date", digest)
             report.images.append(outcome)

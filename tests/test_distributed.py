@@ -32,7 +32,7 @@ import httpx
 import pytest
 import redis
 
-from tests.harness.images import Image, build_image, make_layer, make_stream_layer, push_image
+from tests.harness.images import Image, build_image, fetch_manifest, make_layer, make_stream_layer, push_image
 from tests.harness.peer import skopeo
 from tests.harness.servers import AccessLogEntry, RedisServer, RegistryServer
 from tests.harness.workers import FERRY_BIN, WorkerProcess, start_worker
@@ -861,3 +861,69 @@ def test_sigkilled_worker_task_is_redone_by_the_other(
     skopeo("copy", "--src-tls-verify=false", f"docker://{registry2.host}/{dest_repo}:v1", f"oci:{tmp_path / 'out'}:v1")
     log = registry2.access_log(since=mark)
     assert len(uploads_of(log, big)) == 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# promotion: the policy is checked while planning, workers sign with their own key file
+
+
+def test_queued_copy_checks_policy_and_workers_sign_with_their_own_key(
+    workers: Workers, registry: RegistryServer, queue: str, producer_env: dict[str, str], dist_dir: Path
+) -> None:
+    token = uuid.uuid4().hex[:8]
+    passphrase = f"pass-{token}"
+    pass_file = dist_dir / f"passphrase-file-{token}"
+    pass_file.write_text(passphrase + "\n")
+    prefix = dist_dir / f"key-{token}"
+    ferry(
+        "generate-sigstore-key", "--output-prefix", str(prefix), "--passphrase-file", str(pass_file),
+        env=producer_env,
+    )  # fmt: skip
+    img = build_image(f"dist-sign-{token}", layers=[4096])
+    repo = f"test/dist-sign-{token}"
+    push_image(registry.url, repo, "v1", img)
+    src, dest = f"docker://{registry.host}/{repo}:v1", f"docker://{registry.host}/{repo}-signed:v1"
+    sign = (
+        "--sign-by-sigstore-private-key",
+        f"{prefix}.private",
+        "--sign-passphrase-file",
+        str(pass_file),
+    )
+    proc = ferry(
+        "--insecure-policy", "copy", *INSECURE, "--queue", queue, "--wait", *sign, src, dest,
+        env=producer_env, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}\n{workers.logs()}"
+    sig_tag = f"sha256-{img.digest.hex}.sig"
+    raw, _ = fetch_manifest(registry.url, f"{repo}-signed", sig_tag)
+    assert [layer["mediaType"] for layer in json.loads(raw)["layers"]] == [
+        "application/vnd.dev.cosign.simplesigning.v1+json"
+    ]
+
+    # a policy trusting that key admits the signed copy and refuses the unsigned source, before any job exists
+    policy = dist_dir / f"policy-{token}.json"
+    requirement = {"type": "sigstoreSigned", "keyPath": f"{prefix}.pub"}
+    policy.write_text(json.dumps({"default": [{"type": "reject"}], "transports": {"docker": {"": [requirement]}}}))
+    ok = ferry(
+        "--policy", str(policy), "copy", *INSECURE, "--queue", queue, "--wait", dest,
+        f"docker://{registry.host}/{repo}-prod:v1", env=producer_env, check=False,
+    )  # fmt: skip
+    assert ok.returncode == 0, f"{ok.stdout}\n{ok.stderr}\n{workers.logs()}"
+    refused = ferry(
+        "--policy", str(policy), "copy", *INSECURE, "--queue", queue, "--wait", src,
+        f"docker://{registry.host}/{repo}-refused:v1", env=producer_env, check=False,
+    )  # fmt: skip
+    assert refused.returncode == 1 and refused.stdout == "", refused.stdout
+    assert refused.stderr.startswith(f"Error: {src} rejected by the trust policy") and "no signature exists" in (
+        refused.stderr
+    )
+    with httpx.Client() as client:
+        resp = client.get(f"{registry.url}/v2/{repo}-refused/tags/list")
+    assert resp.status_code == 404
+
+    # the job named the key's path; neither the key nor the passphrase reached Redis or the workers' logs
+    wait_idle(queue)
+    key_body = "".join(Path(f"{prefix}.private").read_text().splitlines()[1:-1])
+    secrets = {"the passphrase": passphrase, "the encrypted private key": key_body[-80:-20]}
+    assert not find_secrets(redis_dump(queue), secrets)
+    assert not find_secrets({w.name: [w.log_path.read_text(errors="replace")] for w in workers.procs}, secrets)

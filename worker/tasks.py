@@ -28,6 +28,7 @@ from worker.celery_app import app, visibility_timeout
 from worker.engine.plan import BlobStep, ManifestStep
 from worker.engine.steps import EngineContext, blob_store, existing_blob, run_manifest_step, transfer_blob
 from worker.engine.transports import ClientPool, ImageName, SideConfig
+from worker.engine.trust import Signer, SigningConfig, sign_written
 from worker.registry import USER_AGENT, FerryError, RetryPolicy, is_temporary
 from worker.state import RedisGate, SharedState, connect
 
@@ -243,9 +244,15 @@ def copy_blob(
         ctx.close_transports()
 
 
+@lru_cache(maxsize=4)
+def _signer(config_json: str) -> Signer:
+    """The job's signing key, read from this worker's own files (the job names paths, never key bytes)."""
+    return Signer(SigningConfig.from_json(json.loads(config_json)))
+
+
 @app.task(name="ferry.finalize_image", bind=True, acks_late=True)
-def finalize_image(self: Task, job_id: str, image_id: str) -> dict[str, Any]:
-    """Once every blob of the image exists: push child manifests, the index, then the tag(s)."""
+def finalize_image(self: Task, job_id: str, image_id: str, sign_digests: list[str] | None = None) -> dict[str, Any]:
+    """Once every blob of the image exists: push child manifests, the index, then the tag(s); then sign."""
     state = _state()
     record = state.image(job_id, image_id)
     if state.cancelled(job_id) or record.get("status") in ("failed", "cancelled"):
@@ -262,6 +269,10 @@ def finalize_image(self: Task, job_id: str, image_id: str) -> dict[str, Any]:
         for step in steps:
             run_manifest_step(ctx, step)
         ctx.commit()
+        sign = json.loads(_job_options(job_id)).get("sign")
+        if sign and sign_digests:
+            signer = _signer(json.dumps(sign, sort_keys=True))
+            sign_written(signer, ctx.destination(record["destination"]), sign_digests)
     except FerryError as exc:
         error = " ".join(str(exc).split())
         if is_temporary(exc) and self.request.retries < DEFAULT_TASK_RETRIES:

@@ -42,7 +42,9 @@ def resolve_all(
     def one(job: CopyJob) -> ResolvedImage:
         src = ctx.source(str(job.source))
         dest = ctx.destination(str(job.destination))
-        return resolve_image(job.source, src, job.destination, dest, options)
+        resolved = resolve_image(job.source, src, job.destination, dest, options)
+        ctx.admit(job.source, src, resolved)
+        return resolved
 
     resolved: list[ResolvedImage] = []
     failures: list[ResolveFailure] = []

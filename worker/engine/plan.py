@@ -98,6 +98,8 @@ class ResolvedImage:
     extras: list[tuple[SourceManifest, str | None]] = field(default_factory=list)
     #: options for this image when they differ from the plan's (sync: platforms per registry entry)
     options: CopyOptions | None = None
+    #: a signature, attestation or referrer that goes along with an image (sync): never signed itself
+    attachment: bool = False
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,9 @@ class ImagePlan:
     steps: list[str] = field(default_factory=list)
     up_to_date: bool = False
     size: int = 0
+    #: digests of the image's manifests at the destination (its images, then the index): what signing signs
+    manifests: list[str] = field(default_factory=list)
+    attachment: bool = False
 
 
 @dataclass
@@ -351,7 +356,7 @@ def _plan_one(b: _Builder, r: ResolvedImage, options: CopyOptions, image_id: str
     top = r.top
     top_type = top.media_type
     info = r.dest_info
-    img = ImagePlan(image_id, r.source, r.destination, str(top.digest), str(top.digest))
+    img = ImagePlan(image_id, r.source, r.destination, str(top.digest), str(top.digest), attachment=r.attachment)
     b.plan.images.append(img)
     steps: list[str] = []
 
@@ -383,6 +388,7 @@ def _plan_one(b: _Builder, r: ResolvedImage, options: CopyOptions, image_id: str
             blob_ids = [add(b.blob(r, blob)) for blob in parse_manifest(raw, mt).blobs]
             img.size += sum(x.size for x in parse_manifest(raw, mt).blobs)
             child_ids.append(add(b.manifest(r, raw, mt, None, blob_ids)))
+            img.manifests.append(str(Digest.of(raw)))
         raw, mt = top.raw, top_type
         selected_all = len(r.children) == len(index.manifests)
         if not selected_all:
@@ -394,6 +400,7 @@ def _plan_one(b: _Builder, r: ResolvedImage, options: CopyOptions, image_id: str
             raw = convert_manifest(raw, mt, fmt, converted)
             mt = _convert_type(mt, fmt)
         img.dest_digest = str(Digest.of(raw))
+        img.manifests.append(img.dest_digest)
         top_step = b.manifest(r, raw, mt, _dest_tag(r.destination), child_ids, top=True)
     else:
         raw, mt = top.raw, top_type
@@ -406,6 +413,7 @@ def _plan_one(b: _Builder, r: ResolvedImage, options: CopyOptions, image_id: str
         blob_ids = [add(b.blob(r, blob)) for blob in parsed.blobs] if options.multi_arch != "index-only" else []
         img.size = sum(x.size for x in parsed.blobs)
         img.dest_digest = str(Digest.of(raw))
+        img.manifests.append(img.dest_digest)
         top_step = b.manifest(r, raw, mt, _dest_tag(r.destination), blob_ids, top=True)
     if r.dest_digest is not None and str(r.dest_digest) == img.dest_digest and not r.extras:
         # The destination already has exactly this image: nothing to do but the additional tags.

@@ -12,12 +12,15 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from worker.registry import Cancelled, Digest, FerryError, RetryPolicy, is_temporary
 
-from .plan import BlobStep, ManifestStep
+from .plan import BlobStep, ManifestStep, ResolvedImage
 from .transports import ClientPool, ImageDestination, ImageName, ImageSource, SideConfig, open_destination, open_source
+
+if TYPE_CHECKING:
+    from .trust import Admission
 
 log = logging.getLogger("ferry.engine")
 
@@ -68,6 +71,8 @@ class EngineContext:
     #: called with the digest when a blob's streaming attempt starts (a retried upload restarts from byte 0)
     on_attempt: Callable[[str], None] | None = None
     pool: ClientPool = field(default_factory=ClientPool)
+    #: the trust policy every image must pass while it is resolved (None: accept anything)
+    admission: Admission | None = None
     _sources: dict[str, ImageSource] = field(default_factory=dict)
     _dests: dict[str, ImageDestination] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -92,6 +97,11 @@ class EngineContext:
                 dest = open_destination(ImageName.parse(name), self.dest_side, self.pool)
                 self._dests[name] = dest
             return dest
+
+    def admit(self, name: ImageName, src: ImageSource, resolved: ResolvedImage) -> None:
+        """Raise ``PolicyRejected`` unless the trust policy admits the image just resolved (before any write)."""
+        if self.admission is not None:
+            self.admission.check(name, src, resolved)
 
     def manifest_lock(self, destination: str) -> threading.Lock:
         """Local layouts rewrite one index file: serialise manifest writes per destination store."""

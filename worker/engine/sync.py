@@ -57,6 +57,8 @@ class SyncItem:
     #: a signature / attestation / referrer that goes along with an image
     extra: bool = False
     options: CopyOptions | None = None
+    #: for an extra: the source of the image it goes with (it is dropped when that image is not copied)
+    parent: str = ""
 
 
 @dataclass
@@ -489,7 +491,13 @@ def _extras(
     for tag in [base + s for s in SIGNATURE_SUFFIXES] + [base]:
         if tag in tags:
             out.append(
-                SyncItem(_src(ref.with_tag(tag)), _named(dest_ref.with_tag(tag)), extra=True, options=extra_opts)
+                SyncItem(
+                    _src(ref.with_tag(tag)),
+                    _named(dest_ref.with_tag(tag)),
+                    extra=True,
+                    options=extra_opts,
+                    parent=str(item.source),
+                )
             )
     client = ctx.pool.client(ref, ctx.source_sides.get(ref.registry, ctx.source_side))
     try:
@@ -503,6 +511,7 @@ def _extras(
                 _named(Reference(dest_ref.registry, dest_ref.repository, None, r.digest)),
                 extra=True,
                 options=extra_opts,
+                parent=str(item.source),
             )
         )
     return out
@@ -518,20 +527,30 @@ def _named(ref: Reference) -> ImageName:
 def resolve_changed(
     ctx: EngineContext, items: Sequence[SyncItem], req: SyncRequest, *, parallel: int = 8
 ) -> tuple[list[ResolvedImage], list[tuple[SyncItem, str]]]:
+    """Read every changed image; the trust policy admits each (its signatures and referrers go along)."""
+
     def one(item: SyncItem) -> ResolvedImage:
         src = ctx.source(str(item.source))
         dest = ctx.destination(str(item.destination))
-        return resolve_image(item.source, src, item.destination, dest, item.options or req.options)
+        resolved = resolve_image(item.source, src, item.destination, dest, item.options or req.options)
+        if item.extra:
+            resolved.attachment = True
+        else:
+            ctx.admit(item.source, src, resolved)
+        return resolved
 
-    resolved: list[ResolvedImage] = []
+    done: list[tuple[SyncItem, ResolvedImage]] = []
     failed: list[tuple[SyncItem, str]] = []
     with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="ferry-resolve") as pool:
         futures = [(it, pool.submit(one, it)) for it in items]
         for it, fut in futures:
             try:
-                resolved.append(fut.result())
+                done.append((it, fut.result()))
             except FerryError as exc:
                 failed.append((it, describe_error(exc)))
+    # a signature or referrer goes only with an image that is copied (never with a rejected one)
+    not_copied = {str(it.source) for it, _ in failed}
+    resolved = [r for it, r in done if not (it.extra and it.parent in not_copied)]
     return resolved, failed
 
 

@@ -24,6 +24,7 @@
      |    +-- SizeMismatch
      +-- ManifestError             manifest too large, malformed or of an unknown type
      +-- CopyFailed                an image could not be copied (wraps the cause)
+ +-- PolicyRejected            the trust policy refused the image (names the image, requirement, reason)
      +-- Cancelled                 the user interrupted
           +-- TimedOut             the command ran past --command-timeout
 
@@ -46,6 +47,10 @@ class FerryError(Exception):
 
 class InvalidInput(FerryError):
     pass
+
+
+class PolicyRejected(FerryError):
+    """The trust policy refused an image: nothing of it is written."""
 
 
 class InvalidReference(InvalidInput):
