@@ -21,7 +21,15 @@ from typing import Any
 
 import pytest
 
-from tests.harness.images import build_image, fetch_manifest, push_image, put_manifest, registry_client
+from tests.harness.images import (
+    build_image,
+    build_multiarch,
+    fetch_manifest,
+    push_image,
+    push_index,
+    put_manifest,
+    registry_client,
+)
 from tests.harness.peer import SKOPEO_BIN, peer_env
 from tests.harness.servers import RegistryServer
 from worker.engine.transports import ImageName
@@ -103,6 +111,8 @@ def test_scopes_follow_containers_image() -> None:
         "transports.docker['*.example.com']"
     )
     assert policy.requirements_for(ImageName.parse("docker://quay.io/x:1"))[0] == "default"
+    assert image_scopes(ImageName.parse("dir:/srv/images/app")) == ["/srv/images/app", "/srv/images", "/srv"]
+    assert image_scopes(ImageName.parse("oci:/srv/layout:app")) == ["/srv/layout", "/srv"]
 
 
 @pytest.mark.parametrize(
@@ -462,3 +472,46 @@ def test_require_signed_and_refusals(
         "generate-sigstore-key", "--output-prefix", str(keys.dir / "a"), "--passphrase-file", str(wrong), cache=cache
     )
     assert proc.returncode == 1 and "refusing to overwrite" in proc.stderr
+
+
+def test_multi_arch_each_copied_image_is_signed_and_checked(
+    registry: RegistryServer, registry2: RegistryServer, unique_repo: str, keys: Keys, cache: Path, tmp_path: Path
+) -> None:
+    """Like skopeo: signing signs every image written and the index; the policy checks every image copied."""
+    repo = unique_repo
+    index = build_multiarch(repo, platforms=("linux/amd64", "linux/arm64"), layers=[256])
+    push_index(registry.url, repo, "m", index)
+    sign = ("--sign-by-sigstore-private-key", str(keys.private("a")), "--sign-passphrase-file", str(keys.passphrase))
+    signed = docker(registry, repo + "-signed", "m")
+    proc = ferry(
+        "--insecure-policy", "copy", *INSECURE, "--all", *sign, docker(registry, repo, "m"), signed, cache=cache
+    )
+    assert proc.returncode == 0, proc.stderr
+    for digest in [index.digest, *(c.digest for c in index.children)]:
+        assert len(signature_layers(registry, repo + "-signed", digest)) == 1
+
+    policy = write_policy(tmp_path / "a.json", sigstore(keys.public("a")))
+    proc = ferry("--policy", str(policy), "copy", *INSECURE, "--all", signed, docker(registry2, repo, "m"), cache=cache)
+    assert proc.returncode == 0, proc.stderr
+    # the index is signed but one of its images is not: copying that image (or all of them) is refused
+    arm = index.child("linux/arm64").digest
+    with registry_client(registry.url) as (client, base):
+        resp = client.delete(f"{base}/v2/{repo}-signed/manifests/{fetch_digest(registry, repo + '-signed', arm)}")
+        assert resp.status_code == 202, resp.text
+    proc = ferry(
+        "--policy", str(policy), "--override-arch", "arm64", "copy", *INSECURE, signed,
+        docker(registry2, repo + "-arm", "m"), cache=cache,
+    )  # fmt: skip
+    assert proc.returncode == 1 and f"manifest {arm}" in proc.stderr and "no signature exists" in proc.stderr
+    assert not has_manifest(registry2, repo + "-arm", "m")
+    proc = ferry(
+        "--policy", str(policy), "--override-arch", "amd64", "copy", *INSECURE, signed,
+        docker(registry2, repo + "-amd", "m"), cache=cache,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+
+
+def fetch_digest(reg: RegistryServer, repo: str, digest: Digest) -> str:
+    """The digest of the signature manifest of ``digest`` (the registry deletes manifests by digest)."""
+    raw, _ = fetch_manifest(reg.url, repo, attachment_tag(digest))
+    return str(Digest.of(raw))
