@@ -419,8 +419,10 @@ def test_dir_put_blob_verifies(tmp_path: Path) -> None:
         with pytest.raises(SizeMismatch):
             dst.put_blob(bad_size, [data])
         assert not dst.blob_exists(bad_digest) and not dst.blob_exists(good)
-        staging = [p for p in (tmp_path / "d").iterdir()]
-        assert len(staging) == 1 and list(staging[0].iterdir()) == []  # no temp files, nothing committed
+        assert not (tmp_path / "d").exists()  # nothing committed: the image is staged beside it
+        staging = [p for p in tmp_path.iterdir()]
+        assert len(staging) == 1 and staging[0].name.startswith(".ferry-staging-d-")
+        assert list(staging[0].iterdir()) == []  # no temp files
         dst.put_blob(good, iter([data[:3], data[3:]]))
         assert dst.blob_exists(good)
         sha512 = Descriptor(MediaType.OCI_LAYER, Digest.of(data, "sha512"), len(data))

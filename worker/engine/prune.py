@@ -31,7 +31,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import re
 import threading
 import time
@@ -54,6 +53,7 @@ from worker.registry import (
     Unsupported,
 )
 from worker.registry import Manifest as RegistryManifest
+from worker.registry._fs import atomic_write
 
 from .executor import describe_error
 from .manifest import IMAGE_TYPES, INDEX_TYPES, parse_manifest
@@ -543,9 +543,8 @@ class Journal:
 
     def start(self, decisions: Sequence[Decision]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"repository": self.repository, "plan": [asdict(d) for d in decisions]}) + "\n")
-        os.replace(tmp, self.path)
+        entry = json.dumps({"repository": self.repository, "plan": [asdict(d) for d in decisions]}) + "\n"
+        atomic_write(self.path, [entry.encode()])
 
     def done(self, digest: str) -> None:
         with self._lock, open(self.path, "a") as f:

@@ -30,20 +30,19 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import json
 import logging
 import os
 import pwd
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ._errors import InvalidInput
+from ._fs import atomic_write
 
 __all__ = [
     "HELPER_TIMEOUT",
@@ -579,19 +578,8 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     text = json.dumps(data, indent="\t") + "\n"
     try:
         _mkdirs(path.parent)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        atomic_write(path, [text.encode("utf-8")], mode=0o600)
     except OSError as exc:
-        raise InvalidInput(f"writing auth file {path}: {exc.strerror or type(exc).__name__}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            os.fchmod(fh.fileno(), 0o600)
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise InvalidInput(f"writing auth file {path}: {exc.strerror or type(exc).__name__}") from None
 
 

@@ -15,8 +15,18 @@ previous ``dir:`` image (its ``version`` file matches), otherwise it is refused 
 data is never deleted; a PATH that is not a directory is refused.
 
 Unlike containers/image (which erases the old image when the destination is opened), Ferry
-stages everything in a hidden directory inside PATH and swaps it in at ``commit()``: a copy
-that fails or is closed without commit leaves a previous image in PATH untouched.
+writes the new image into a hidden directory beside PATH (``.ferry-staging-NAME-*``) and swaps it in
+at ``commit()`` (``worker.registry._fs.swap_in_dir``). What is guaranteed:
+
+- a copy that fails, or is closed without commit, leaves PATH exactly as it was;
+- a crash (or kill -9) during commit leaves PATH either the whole previous image or the whole new one:
+  on Linux file systems that can exchange two names (ext4, xfs, btrfs, tmpfs) in one
+  ``renameat2(RENAME_EXCHANGE)``; elsewhere with two renames, between which PATH is briefly absent and
+  the previous image is intact as ``.ferry-old-NAME-*`` beside it;
+- the one exception: when PATH is a mount point, or its parent cannot be written, nothing can be
+  renamed over PATH, so the image is staged inside PATH and its entries are replaced one by one at
+  commit (old entries removed, then blobs, children, ``version`` and ``manifest.json`` last): a crash
+  in that commit leaves a mix, and the missing ``manifest.json`` (written last) shows it.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from worker.registry import (
     verify_bytes,
     verify_stream,
 )
+from worker.registry._fs import atomic_write, fsync_dir, swap_in_dir, umask
 
 from .base import ImageDestination, ImageSource, StoredManifest
 
@@ -165,7 +176,11 @@ class DirDestination(ImageDestination):
         self._created: list[str] = []
         self._committed = False
         self._closed = False
-        if os.path.lexists(path):
+        #: the directory that commit replaces (a symlink's target: the link itself stays)
+        self._target = os.path.realpath(path) if os.path.islink(path) else os.path.abspath(path)
+        parent = os.path.dirname(self._target)
+        exists = os.path.lexists(path)
+        if exists:
             if not os.path.isdir(path):
                 raise InvalidInput(f"{self.description}: exists and is not a directory")
             entries = [e for e in os.listdir(path) if not _is_staging(e)]
@@ -174,9 +189,20 @@ class DirDestination(ImageDestination):
                     f"{self.description}: not a containers image directory, don't want to overwrite important data"
                 )
         else:
-            self._created = self._make_dirs(path)
+            self._created = self._make_dirs(parent)
+        #: staged inside PATH (entries replaced one by one) only where PATH cannot be renamed over
+        self._in_place = exists and os.path.ismount(self._target)
         try:
-            self._staging = tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=path)
+            if not self._in_place:
+                try:
+                    name = os.path.basename(self._target)
+                    self._staging = tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{name}-", dir=parent)
+                except PermissionError:
+                    if not exists:
+                        raise
+                    self._in_place = True
+            if self._in_place:
+                self._staging = tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=self._target)
         except OSError:
             self._remove_created()
             raise
@@ -218,20 +244,8 @@ class DirDestination(ImageDestination):
         return os.path.join(self._staging, name)
 
     def _write_staged(self, name: str, chunks: Iterable[bytes]) -> None:
-        """Write ``chunks`` to a temp file in staging, then rename it to ``name`` (only if iteration succeeds)."""
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self._staging)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                for chunk in chunks:
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self._staged(name))
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        """Write ``chunks`` to ``name`` in staging (only if iterating them succeeds)."""
+        atomic_write(self._staged(name), chunks)
 
     def blob_exists(self, desc: Descriptor) -> bool:
         try:
@@ -272,30 +286,39 @@ class DirDestination(ImageDestination):
         return Descriptor.of(guess_manifest_media_type(top), top)
 
     def commit(self) -> None:
-        """Replace PATH's contents with the staged image: blobs and children first, ``manifest.json`` last."""
+        """Put the staged image at PATH in one swap (see the module docstring for what is guaranteed)."""
         self._check_open()
         if not os.path.exists(self._staged(_MANIFEST)):
             raise ManifestError(f"{self.description}: nothing to commit, no manifest was written")
-        with open(self._staged(_VERSION), "w", encoding="ascii") as f:
-            f.write(DIR_VERSION)
+        atomic_write(self._staged(_VERSION), [DIR_VERSION.encode()])
+        if self._in_place:
+            self._commit_in_place()
+        else:
+            try:
+                mode = os.stat(self._target).st_mode & 0o7777  # an existing PATH keeps its mode
+            except FileNotFoundError:
+                mode = 0o777 & ~umask()
+            os.chmod(self._staging, mode)
+            swap_in_dir(self._staging, self._target)
+        self._committed = True
+        self._created = []
+
+    def _commit_in_place(self) -> None:
         staging_name = os.path.basename(self._staging)
-        for entry in os.listdir(self.path):
+        for entry in os.listdir(self._target):
             if entry == staging_name:
                 continue
-            full = os.path.join(self.path, entry)
+            full = os.path.join(self._target, entry)
             if os.path.isdir(full) and not os.path.islink(full):
                 shutil.rmtree(full)
             else:
                 os.unlink(full)
         names = sorted(os.listdir(self._staging), key=lambda n: (n == _MANIFEST, n == _VERSION, n))
         for name in names:
-            if name.startswith(".tmp-"):
-                continue
-            os.replace(self._staged(name), os.path.join(self.path, name))
+            if not name.startswith(".ferry-"):
+                os.replace(self._staged(name), os.path.join(self._target, name))
         shutil.rmtree(self._staging, ignore_errors=True)
-        _fsync_dir(self.path)
-        self._committed = True
-        self._created = []
+        fsync_dir(self._target)
 
     def close(self) -> None:
         if self._closed:
@@ -304,16 +327,3 @@ class DirDestination(ImageDestination):
         if not self._committed:
             shutil.rmtree(self._staging, ignore_errors=True)
             self._remove_created()
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

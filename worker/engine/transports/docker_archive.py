@@ -59,6 +59,7 @@ from worker.registry import (
     Unsupported,
     verify_stream,
 )
+from worker.registry._fs import atomic_file
 
 from .base import ImageDestination, ImageSource, StoredManifest
 
@@ -820,19 +821,8 @@ class DockerArchiveDestination(ImageDestination):
             with open(self.path, "wb") as f:
                 self._write_archive(f)
         else:
-            parent = os.path.dirname(os.path.abspath(self.path))
-            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.tmp-", dir=parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    self._write_archive(f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, self.path)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                raise
+            with atomic_file(self.path) as f:
+                self._write_archive(f)
         self._committed = True
         shutil.rmtree(self._staging, ignore_errors=True)
 

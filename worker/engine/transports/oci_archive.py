@@ -41,6 +41,7 @@ from worker.registry import (
     ManifestError,
     NotFound,
 )
+from worker.registry._fs import atomic_file, umask
 
 from .base import ImageDestination, ImageSource, StoredManifest
 from .oci_layout import (
@@ -82,18 +83,6 @@ def big_files_tmp_dir() -> str:
     if os.path.isdir("/var/tmp") and os.access("/var/tmp", os.W_OK):
         return "/var/tmp"
     return tempfile.gettempdir()
-
-
-def _umask() -> int:
-    """The process umask, read without changing it (os.umask would race with other threads)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o022
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -333,21 +322,9 @@ class OCIArchiveDestination(ImageDestination):
         try:
             mode = os.stat(target).st_mode & 0o7777
         except FileNotFoundError:
-            mode = 0o666 & ~_umask()
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{os.path.basename(target)}.", suffix=".ferry-tmp", dir=os.path.dirname(target)
-        )
-        try:
-            with os.fdopen(fd, "w+b") as out:
-                write_layout_tar(self._staging, out)
-                out.flush()
-                os.fsync(out.fileno())
-                os.fchmod(out.fileno(), mode)
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+            mode = 0o666 & ~umask()
+        with atomic_file(target, mode=mode) as out:
+            write_layout_tar(self._staging, out)
 
     def close(self) -> None:
         if self._closed:

@@ -28,7 +28,6 @@ import fcntl
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, BinaryIO, Protocol
@@ -46,6 +45,7 @@ from worker.registry import (
     verify_bytes,
     verify_stream,
 )
+from worker.registry._fs import atomic_write
 
 from .base import ImageDestination, ImageSource, StoredManifest
 
@@ -364,19 +364,7 @@ class OCILayoutDestination(ImageDestination):
 
     @staticmethod
     def _write_atomic(final: str, data: bytes, tmp_dir: str | None = None) -> None:
-        """Write ``final`` via a temp file in ``tmp_dir`` (default: next to it), fsync, rename."""
-        fd, tmp = tempfile.mkstemp(prefix=".ferry-", suffix=".tmp", dir=tmp_dir or os.path.dirname(final))
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-                os.fchmod(f.fileno(), 0o644)
-            os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        atomic_write(final, [data], tmp_dir=tmp_dir)
 
     def _load_index(self) -> dict[str, Any]:
         path = os.path.join(self.path, INDEX_FILE)
@@ -409,19 +397,8 @@ class OCILayoutDestination(ImageDestination):
     def put_blob(self, desc: Descriptor, chunks: Iterable[bytes]) -> None:
         final = self._blob_path(desc.digest)
         os.makedirs(os.path.dirname(final), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".ferry-put-blob-", dir=self._blobs)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                for chunk in verify_stream(chunks, desc):
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-                os.fchmod(f.fileno(), 0o644)
-            os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        # The temp file lives in blobs/, not blobs/ALG/, so nothing but complete blobs ever shows up there.
+        atomic_write(final, verify_stream(chunks, desc), tmp_dir=self._blobs)
 
     def has_manifest(self, digest: Digest) -> bool:
         return os.path.isfile(self._blob_path(digest))
