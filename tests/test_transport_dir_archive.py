@@ -26,7 +26,7 @@ import pytest
 from tests.harness.images import Image, Index, Layer, build_image, build_multiarch, make_layer, make_stream_layer
 from tests.harness.peer import skopeo
 from worker.engine.transports.base import ImageDestination, ImageSource, StoredManifest
-from worker.engine.transports.dir import DIR_VERSION, DirDestination, DirSource, guess_manifest_media_type
+from worker.engine.transports.dir import DIR_VERSION, DirDestination, DirSource
 from worker.engine.transports.docker_archive import (
     DockerArchiveDestination,
     DockerArchiveSource,
@@ -45,6 +45,7 @@ from worker.registry import (
     SizeMismatch,
     Unsupported,
 )
+from worker.registry._mediatype import guess_media_type, sniff_media_type
 
 # --------------------------------------------------------------------------------------------------------------------
 # Test-side image bundles, a memory source, an OCI layout writer and a tiny copy loop
@@ -435,17 +436,30 @@ def test_dir_put_blob_verifies(tmp_path: Path) -> None:
     assert (tmp_path / "d" / sha512.digest.hex).read_bytes() == data  # containers names sha512 blobs by hex too
 
 
-def test_guess_manifest_media_type() -> None:
-    assert guess_manifest_media_type(b'{"schemaVersion":2,"mediaType":"%s"}' % MediaType.DOCKER_MANIFEST.encode()) == (
+def test_guess_media_type() -> None:
+    assert guess_media_type(b'{"schemaVersion":2,"mediaType":"%s"}' % MediaType.DOCKER_MANIFEST.encode()) == (
         MediaType.DOCKER_MANIFEST
     )
-    assert guess_manifest_media_type(b'{"schemaVersion":2,"config":{"mediaType":"%s"}}' % b"x/y") == (
-        MediaType.OCI_MANIFEST
+    assert guess_media_type(b'{"schemaVersion":2,"config":{"mediaType":"%s"}}' % b"x/y") == (MediaType.OCI_MANIFEST)
+    assert guess_media_type(b'{"schemaVersion":2,"manifests":[{"digest":"x"}]}') == MediaType.OCI_INDEX
+    assert guess_media_type(b'{"schemaVersion":1,"signatures":[]}') == MediaType.DOCKER_MANIFEST_V1_SIGNED
+    assert guess_media_type(b'{"schemaVersion":1}') == MediaType.DOCKER_MANIFEST_V1
+    assert guess_media_type(b"not json") == ""
+    # one sniffer for every transport and the registry client: its own field wins (artifacts too), then a
+    # specific Content-Type, then the shape
+    artifact = "application/vnd.example.artifact.v1+json"
+    assert guess_media_type(b'{"schemaVersion":2,"mediaType":"%s"}' % artifact.encode()) == artifact
+    assert (
+        guess_media_type(b'{"layers":[]}', MediaType.DOCKER_MANIFEST + "; charset=utf-8") == MediaType.DOCKER_MANIFEST
     )
-    assert guess_manifest_media_type(b'{"schemaVersion":2,"manifests":[{"digest":"x"}]}') == MediaType.OCI_INDEX
-    assert guess_manifest_media_type(b'{"schemaVersion":1,"signatures":[]}') == MediaType.DOCKER_MANIFEST_V1_SIGNED
-    assert guess_manifest_media_type(b'{"schemaVersion":1}') == MediaType.DOCKER_MANIFEST_V1
-    assert guess_manifest_media_type(b"not json") == ""
+    assert guess_media_type(b'{"schemaVersion":2}', "application/json") == MediaType.OCI_MANIFEST
+    assert guess_media_type(b'{"config":{},"layers":[]}') == MediaType.OCI_MANIFEST
+    assert guess_media_type(b'{"manifests":[]}') == MediaType.OCI_INDEX
+    assert guess_media_type(b'{"x":1}') == "" and guess_media_type(b"[]") == ""
+    with pytest.raises(ManifestError, match="m: cannot tell"):
+        sniff_media_type(b'{"x":1}', "m")
+    with pytest.raises(ManifestError, match=r"m: malformed manifest \(not JSON\)"):
+        sniff_media_type(b"{", "m")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ from ._errors import (
     Unsupported,
     is_temporary,
 )
+from ._mediatype import sniff_media_type
 from ._stall import StallGuard, TransferStalled, env_min_rate, env_window
 from ._tls import ssl_context
 from ._types import MANIFEST_ACCEPT, Descriptor, Digest
@@ -526,7 +527,7 @@ class RegistryClient:
             digest = ref
         else:
             digest = Digest.of(raw)
-        media_type = _sniff_media_type(raw, media_type, what)
+        media_type = sniff_media_type(raw, what, media_type)
         return Manifest(raw, media_type, digest)
 
     def put_manifest(self, repo: str, ref: str | Digest, raw: bytes, media_type: str) -> Digest:
@@ -911,32 +912,6 @@ def _next_link(header: str | None, base: str) -> str | None:
             url = url.strip().strip("<>")
             return urljoin(base, url)
     return None
-
-
-def _sniff_media_type(raw: bytes, header_type: str, what: str) -> str:
-    """The manifest's media type: its own ``mediaType`` field wins over the Content-Type header."""
-    try:
-        obj = json.loads(raw)
-    except ValueError:
-        raise ManifestError(f"{what}: malformed manifest (not JSON)") from None
-    if not isinstance(obj, dict):
-        raise ManifestError(f"{what}: malformed manifest (not a JSON object)")
-    declared = obj.get("mediaType")
-    if isinstance(declared, str) and declared:
-        return declared
-    if obj.get("schemaVersion") == 1:
-        return (
-            "application/vnd.docker.distribution.manifest.v1+prettyjws"
-            if "signatures" in obj
-            else ("application/vnd.docker.distribution.manifest.v1+json")
-        )
-    if header_type and header_type not in ("application/json", "text/plain", "application/octet-stream"):
-        return header_type
-    if "manifests" in obj:
-        return "application/vnd.oci.image.index.v1+json"
-    if "config" in obj and "layers" in obj:
-        return "application/vnd.oci.image.manifest.v1+json"
-    raise ManifestError(f"{what}: cannot tell the manifest's media type")
 
 
 __all__ = [

@@ -32,7 +32,6 @@ at ``commit()`` (``worker.registry._fs.swap_in_dir``). What is guaranteed:
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -44,16 +43,16 @@ from worker.registry import (
     Digest,
     InvalidInput,
     ManifestError,
-    MediaType,
     NotFound,
     verify_bytes,
     verify_stream,
 )
 from worker.registry._fs import atomic_write, fsync_dir, swap_in_dir, umask
+from worker.registry._mediatype import guess_media_type
 
 from .base import ImageDestination, ImageSource, StoredManifest
 
-__all__ = ["DIR_VERSION", "DirDestination", "DirSource", "guess_manifest_media_type"]
+__all__ = ["DIR_VERSION", "DirDestination", "DirSource"]
 
 #: Content of ``PATH/version`` (containers/image ``directory.version``).
 DIR_VERSION = "Directory Transport Version: 1.1\n"
@@ -62,38 +61,6 @@ _CHUNK = 1 << 20
 _STAGING_PREFIX = ".ferry-staging-"
 _MANIFEST = "manifest.json"
 _VERSION = "version"
-
-
-def guess_manifest_media_type(raw: bytes) -> str:
-    """The media type of manifest bytes, decided like containers/image ``manifest.GuessMIMEType``.
-
-    Returns ``""`` when the bytes are not JSON or the type cannot be told.
-    """
-    try:
-        obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return ""
-    if not isinstance(obj, dict):
-        return ""
-    mt = obj.get("mediaType")
-    if mt in (MediaType.DOCKER_MANIFEST, MediaType.DOCKER_MANIFEST_LIST, MediaType.OCI_MANIFEST, MediaType.OCI_INDEX):
-        return str(mt)
-    version = obj.get("schemaVersion")
-    if version == 1:
-        signed = obj.get("signatures") is not None
-        return MediaType.DOCKER_MANIFEST_V1_SIGNED if signed else MediaType.DOCKER_MANIFEST_V1
-    if version == 2:
-        config = obj.get("config")
-        config_mt = config.get("mediaType", "") if isinstance(config, dict) else ""
-        if config_mt == MediaType.OCI_CONFIG:
-            return MediaType.OCI_MANIFEST
-        if config_mt == MediaType.DOCKER_CONFIG:
-            return MediaType.DOCKER_MANIFEST
-        manifests = obj.get("manifests")
-        if isinstance(manifests, list) and manifests:
-            return MediaType.OCI_INDEX if not config_mt else str(config_mt)
-        return MediaType.OCI_MANIFEST
-    return ""
 
 
 @contextlib.contextmanager
@@ -143,7 +110,7 @@ class DirSource(ImageSource):
             raw = self._read(_MANIFEST)
             if raw is None:
                 raise NotFound(f"{self.description}: {_MANIFEST} not found")
-            return StoredManifest(raw, guess_manifest_media_type(raw))
+            return StoredManifest(raw, guess_media_type(raw))
         raw = self._read(_child_manifest_name(ref))
         if raw is None:
             top = self._read(_MANIFEST)
@@ -151,7 +118,7 @@ class DirSource(ImageSource):
                 raw = top
         if raw is None:
             raise NotFound(f"{self.description}: manifest {ref} not found")
-        return StoredManifest(raw, guess_manifest_media_type(raw), ref)
+        return StoredManifest(raw, guess_media_type(raw), ref)
 
     def _open_blob(self, desc: Descriptor) -> AbstractContextManager[Iterator[bytes]]:
         path = os.path.join(self.path, _blob_name(desc.digest))
@@ -283,7 +250,7 @@ class DirDestination(ImageDestination):
         top = self._staged_manifest()
         if top is None:
             return None
-        return Descriptor.of(guess_manifest_media_type(top), top)
+        return Descriptor.of(guess_media_type(top), top)
 
     def commit(self) -> None:
         """Put the staged image at PATH in one swap (see the module docstring for what is guaranteed)."""

@@ -46,6 +46,7 @@ from worker.registry import (
     verify_stream,
 )
 from worker.registry._fs import atomic_write
+from worker.registry._mediatype import sniff_media_type
 
 from .base import ImageDestination, ImageSource, StoredManifest
 
@@ -59,7 +60,6 @@ __all__ = [
     "LayoutReader",
     "OCILayoutDestination",
     "OCILayoutSource",
-    "guess_manifest_type",
     "parse_oci_spec",
     "validate_ref_name",
 ]
@@ -108,24 +108,6 @@ def parse_oci_spec(text: str) -> tuple[str, str | None]:
 
 def _spec(transport: str, path: str, ref: str | None) -> str:
     return f"{transport}:{path}:{ref}" if ref else f"{transport}:{path}"
-
-
-def guess_manifest_type(raw: bytes) -> str:
-    """Media type of a manifest from its JSON (``mediaType`` field, else its shape), like containers' GuessMIMEType."""
-    try:
-        obj = json.loads(raw)
-    except ValueError as exc:
-        raise ManifestError(f"manifest is not valid JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise ManifestError("manifest is not a JSON object")
-    media_type = obj.get("mediaType")
-    if isinstance(media_type, str) and media_type:
-        return media_type
-    if obj.get("schemaVersion") == 1:
-        return MediaType.DOCKER_MANIFEST_V1_SIGNED if "signatures" in obj else MediaType.DOCKER_MANIFEST_V1
-    if "manifests" in obj:
-        return MediaType.OCI_INDEX
-    return MediaType.OCI_MANIFEST
 
 
 def _ref_name(entry: dict[str, Any]) -> str:
@@ -304,7 +286,9 @@ class OCILayoutSource(ImageSource):
                 raise ManifestError(f"{self.description}: bad digest in index.json: {exc}") from None
             media_type = str(entry.get("mediaType") or "")
         raw = self._reader.read_blob(digest, MAX_MANIFEST_SIZE)
-        return StoredManifest(raw, media_type or guess_manifest_type(raw), digest)
+        return StoredManifest(
+            raw, media_type or sniff_media_type(raw, f"{self.description}: manifest {digest}"), digest
+        )
 
     def _open_blob(self, desc: Descriptor) -> AbstractContextManager[Iterator[bytes]]:
         return self._reader.stream_blob(desc.digest)
@@ -428,7 +412,7 @@ class OCILayoutDestination(ImageDestination):
         digest = Digest.of(raw)
         self._write_blob_bytes(digest, raw)
         entry: dict[str, Any] = {
-            "mediaType": media_type or guess_manifest_type(raw),
+            "mediaType": media_type or sniff_media_type(raw, f"{self.description}: manifest"),
             "digest": str(digest),
             "size": len(raw),
         }
