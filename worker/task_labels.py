@@ -1,7 +1,7 @@
 """What Flower shows of a Ferry task: a one-line label with the job, the image and the blob.
 
 Celery sends a task's ``argsrepr`` with every message and task event; Flower's task list shows it in its
-``args`` column. Ferry's task class fills it with a readable label (``job=… image=… blob=… (size)``)
+``args`` column. Ferry's task class fills it with a readable label (``job=… image=… blob=… (size) digest=…``)
 instead of the tuple of raw arguments, for the first send and for every retry (a retry keeps the label
 of the task it repeats). Labels hold names and digests only, never credentials (tasks carry none).
 """
@@ -30,7 +30,10 @@ def _image(name: str) -> str:
 
 
 def blob_label(job_id: str, destination: str, digest: str, size: int) -> str:
-    return f"job={job_id} image={_image(destination)} blob={digest} ({_size(int(size))})"
+    # Flower cuts the column at about 45 characters: the short id and size first, the full digest (for the
+    # search box) last
+    short = digest.split(":", 1)[-1][:12]
+    return f"job={job_id} image={_image(destination)} blob={short} ({_size(int(size))}) digest={digest}"
 
 
 def image_label(job_id: str, destination: str, image_id: str) -> str:
