@@ -330,6 +330,12 @@ def test_a_running_job_seen_in_the_terminal_the_browser_and_the_metrics(
     assert proc.returncode == 0, proc.stderr + worker.log()[-3000:]
     s = status(job, env)
     assert s["transfers"] == [] and s["bytes_in_flight"] == 0 and s["bytes_done"] == s["bytes_total"]
+    # the machine-readable watch: one JSON object per poll; an ended job gives one line and exit 0
+    lines = ferry("job", "status", job, "--watch", "--json", env=env).stdout.splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["state"] == "done" and "images" not in json.loads(lines[0])
+    # not a terminal: one plain line per poll
+    (line,) = ferry("job", "watch", job, env=env).stdout.splitlines()
+    assert line.startswith(f"job {job} done: images 1/1 done") and "6.0 MiB of 6.0 MiB" in line
     after = metrics(exporter)
     moved_after = sample(after, "ferry_transferred_bytes_total", source_registry=gate.host)
     # every byte of every blob, each counted once (no attempt was retried)
