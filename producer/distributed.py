@@ -69,7 +69,7 @@ def enqueue_images(plan: Plan, job_id: str, images: list[ImagePlan], *, sign: bo
     _no_result_subscriptions()
     sent = 0
     for img in images:
-        if img.up_to_date or not img.steps:
+        if not img.has_work(sign=sign):
             continue
         header = []
         for sid in img.steps:

@@ -85,7 +85,7 @@ def sync(args: argparse.Namespace) -> int:
         for w in disc.warnings:
             print(f"Warning: {w}", file=sys.stderr)
         checked = check(ctx, disc.items, req, memo, parallel=max(args.image_parallel_copies, 4))
-        if signer is not None:
+        if signing is not None:
             # an image already there may still lack a signature by this key: resolve it to sign it if so
             checked.changed += [item for item, _digest in checked.unchanged]
             checked.unchanged = []

@@ -900,6 +900,17 @@ def test_queued_copy_checks_policy_and_workers_sign_with_their_own_key(
         "application/vnd.dev.cosign.simplesigning.v1+json"
     ]
 
+    # the same copy again, now up to date: its finalizer only signs (for another identity), and reports it up to date
+    again = ferry(
+        "--insecure-policy", "copy", *INSECURE, "--queue", queue, "--wait", *sign,
+        "--sign-identity", f"{registry.host}/{repo}-prod:v1", src, dest, env=producer_env, check=False,
+    )  # fmt: skip
+    assert again.returncode == 0, f"{again.stdout}\n{again.stderr}\n{workers.logs()}"
+    status = job_status(again.stdout.strip().splitlines()[0], queue, producer_env)
+    assert [i["status"] for i in status["images"]] == ["up-to-date"], status
+    raw, _ = fetch_manifest(registry.url, f"{repo}-signed", sig_tag)
+    assert len(json.loads(raw)["layers"]) == 2
+
     # a policy trusting that key admits the signed copy and refuses the unsigned source, before any job exists
     policy = dist_dir / f"policy-{token}.json"
     requirement = {"type": "sigstoreSigned", "keyPath": f"{prefix}.pub"}

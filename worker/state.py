@@ -84,6 +84,8 @@ class SharedState:
         job_id = uuid.uuid4().hex[:12]
         key = f"{PREFIX}job:{job_id}"
         now = time.time()
+        # a signing job signs up-to-date images too: they wait for their finalizer
+        sign = "sign" in options
         pipe = self.r.pipeline()
         pipe.hset(
             key,
@@ -93,7 +95,7 @@ class SharedState:
                 "created": now,
                 "images": len(plan.images),
                 # images already ended at creation (up to date, or nothing to do)
-                "ended": sum(1 for i in plan.images if i.up_to_date or not i.steps),
+                "ended": sum(1 for i in plan.images if not i.has_work(sign=sign)),
                 "failed": 0,
                 "options": json.dumps(options),
             },
@@ -101,7 +103,10 @@ class SharedState:
         pipe.set(f"{key}:plan", json.dumps(plan.to_json()))
         images = {}
         for img in plan.images:
-            status = "up-to-date" if img.up_to_date else ("done" if not img.steps else "pending")
+            if img.has_work(sign=sign):
+                status = "pending"
+            else:
+                status = "up-to-date" if img.up_to_date else "done"
             images[img.id] = json.dumps(
                 {
                     "source": img.source,

@@ -284,7 +284,8 @@ def finalize_image(self: Task, job_id: str, image_id: str, sign_digests: list[st
         raise
     finally:
         ctx.close_transports()
-    state.update_image(job_id, image_id, status="done", finished=time.time())
+    # an image that needed only its signature was already up to date
+    state.update_image(job_id, image_id, status="done" if steps else "up-to-date", finished=time.time())
     return {"image": image_id, "status": "done", "digest": record.get("digest", "")}
 
 

@@ -156,6 +156,10 @@ class ImagePlan:
     manifests: list[str] = field(default_factory=list)
     attachment: bool = False
 
+    def has_work(self, *, sign: bool = False) -> bool:
+        """Steps to run, or (``sign``) manifests to sign: an image already up to date is still signed."""
+        return bool(self.steps) or (sign and not self.attachment and bool(self.manifests))
+
 
 @dataclass
 class Plan:
