@@ -1,20 +1,26 @@
-"""The shared local-file helpers (worker/registry/_fs.py) and the atomic ``dir:`` commit built on them.
+"""The shared local-file helpers (worker/registry/_fs.py) and the atomic ``dir:`` commit built on them; the one tar
+writer and compression detector of the archive transports (worker/engine/transports/_archive.py).
 
 A crash is simulated by making one step of the sequence fail (os.rename, the exchange, the writer's iterator):
 the target must be the whole old or the whole new thing, never a mix, and no temp file may be left."""
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
+import lzma
 import os
 import stat
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from worker.engine.transports._archive import TarWriter, decompress, detect_compression
 from worker.engine.transports.dir import DirDestination, DirSource
-from worker.registry import Descriptor, Digest, MediaType
+from worker.registry import Descriptor, Digest, IntegrityError, MediaType, Unsupported
 from worker.registry import _fs as fs
 
 
@@ -214,3 +220,62 @@ def test_dir_commit_in_place_on_a_mount_point(tmp_path: Path, monkeypatch: pytes
         dst.commit()
     assert set(listing(d)) == {"version", "manifest.json", Digest.of(b"blob of new").hex}
     assert [p for p in d.iterdir() if p.is_dir()] == []
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the one tar writer and the one compression detector (docker-archive and oci-archive share them)
+
+
+def test_tar_writer_members_as_tarfile_reads_them(tmp_path: Path) -> None:
+    long_name = "d/" + "x" * 120  # does not fit USTAR: a PAX header, as Go writes
+    path = tmp_path / "t.tar"
+    with open(path, "wb") as f:
+        w = TarWriter(f, owner="root")
+        w.add_dir("d", mode=0o750, mtime=1_700_000_000)
+        w.add_file("d/f", 5, [b"he", b"llo"], mode=0o640, mtime=1_700_000_001)
+        w.add_bytes(long_name, b"long")
+        w.add_symlink("link", "d/f")
+        w.close()
+    with tarfile.open(path) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        assert list(members) == ["d", "d/f", long_name, "link"]
+        assert members["d"].isdir() and members["d"].mode == 0o750 and members["d"].mtime == 1_700_000_000
+        f = members["d/f"]
+        assert (f.size, f.mode, f.mtime, f.uid, f.uname, f.gname) == (5, 0o640, 1_700_000_001, 0, "root", "root")
+        assert tar.extractfile(f).read() == b"hello"  # type: ignore[union-attr]
+        assert tar.extractfile(members[long_name]).read() == b"long"  # type: ignore[union-attr]
+        assert members["link"].issym() and members["link"].linkname == "d/f"
+    # two zero blocks end it, no padding to a 10 KiB record (Go's archive/tar does not pad)
+    assert path.read_bytes().endswith(b"\0" * 1024) and path.stat().st_size % 10240 != 0
+
+
+def test_tar_writer_refuses_a_file_that_changed(tmp_path: Path) -> None:
+    with open(tmp_path / "t.tar", "wb") as f, pytest.raises(IntegrityError, match="changed while writing"):
+        TarWriter(f).add_file("f", 10, [b"short"])
+
+
+PLAIN = bytes(range(256)) * 300
+
+
+@pytest.mark.parametrize(
+    ("kind", "packed"),
+    [
+        ("gzip", gzip.compress(PLAIN[:1000], mtime=0) + gzip.compress(PLAIN[1000:], mtime=0)),  # two members
+        ("bzip2", bz2.compress(PLAIN)),
+        ("xz", lzma.compress(PLAIN)),
+    ],
+)
+def test_detect_and_decompress(kind: str, packed: bytes) -> None:
+    assert detect_compression(packed[:6]) == kind
+    pieces = [packed[i : i + 777] for i in range(0, len(packed), 777)]
+    assert b"".join(decompress(iter(pieces), kind, "layer")) == PLAIN
+    with pytest.raises(IntegrityError, match=f"layer: invalid {kind} data"):
+        b"".join(decompress(iter([packed[:20], b"\xff" * 64]), kind, "layer"))
+
+
+def test_detect_compression_others() -> None:
+    assert detect_compression(b"\x28\xb5\x2f\xfd\x00\x00") == "zstd"
+    assert detect_compression(PLAIN[:6]) is None
+    assert detect_compression(b"") is None
+    with pytest.raises(Unsupported, match="zstd"):
+        list(decompress(iter([b"\x28\xb5\x2f\xfd"]), "zstd", "layer"))

@@ -27,12 +27,9 @@ only, ``@N``: the N-th entry of ``manifest.json``. Digest references are refused
 
 from __future__ import annotations
 
-import bz2
 import contextlib
 import hashlib
-import itertools
 import json
-import lzma
 import os
 import posixpath
 import shutil
@@ -40,8 +37,7 @@ import stat
 import tarfile
 import tempfile
 import threading
-import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -61,6 +57,7 @@ from worker.registry import (
 )
 from worker.registry._fs import atomic_file
 
+from ._archive import TarWriter, decompress, detect_compression, file_chunks, peek
 from .base import ImageDestination, ImageSource, StoredManifest
 
 __all__ = [
@@ -133,113 +130,6 @@ def parse_docker_archive_spec(text: str) -> tuple[str, str | None]:
 
 def _describe(path: str, ref: str | None) -> str:
     return f"docker-archive:{path}" + (f":{ref}" if ref is not None else "")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Compression
-
-
-def _detect(head: bytes) -> str | None:
-    if head.startswith(b"\x1f\x8b\x08"):
-        return "gzip"
-    if head.startswith(b"BZh"):
-        return "bzip2"
-    if head.startswith(b"\xfd7zXZ\x00"):
-        return "xz"
-    if head.startswith(b"\x28\xb5\x2f\xfd"):
-        return "zstd"
-    return None
-
-
-def _file_chunks(f: BinaryIO) -> Iterator[bytes]:
-    while chunk := f.read(_CHUNK):
-        yield chunk
-
-
-def _peek(chunks: Iterable[bytes], n: int = 6) -> tuple[bytes, Iterator[bytes]]:
-    """First ``n`` bytes of ``chunks`` and an iterator over all of them (nothing lost)."""
-    it = iter(chunks)
-    seen: list[bytes] = []
-    have = 0
-    for chunk in it:
-        seen.append(chunk)
-        have += len(chunk)
-        if have >= n:
-            break
-    return b"".join(seen)[:n], itertools.chain(seen, it)
-
-
-class _Zlib:
-    """Adapter giving zlib's gzip decompressor the bz2/lzma interface (eof, unused_data, needs_input)."""
-
-    def __init__(self) -> None:
-        self._d = zlib.decompressobj(31)
-
-    @property
-    def eof(self) -> bool:
-        return self._d.eof
-
-    @property
-    def unused_data(self) -> bytes:
-        return self._d.unused_data
-
-    @property
-    def needs_input(self) -> bool:
-        return not self._d.unconsumed_tail
-
-    def decompress(self, data: bytes, max_length: int) -> bytes:
-        if not data:
-            data = self._d.unconsumed_tail
-        return self._d.decompress(data, max_length)
-
-
-_DECOMPRESSORS: dict[str, Callable[[], Any]] = {
-    "gzip": _Zlib,
-    "bzip2": bz2.BZ2Decompressor,
-    "xz": lambda: lzma.LZMADecompressor(lzma.FORMAT_XZ),
-}
-
-
-def _decompress(chunks: Iterator[bytes], kind: str, what: str) -> Iterator[bytes]:
-    """Decompress a (possibly multi-member) gzip/bzip2/xz stream in bounded pieces.
-
-    On corrupt data the rest of ``chunks`` is drained first, so a verifying source raises its
-    ``DigestMismatch`` in preference to the decompression error.
-    """
-    if kind == "zstd":
-        raise Unsupported(f"{what}: zstd-compressed data cannot be decompressed (no zstd support in this Python)")
-    new = _DECOMPRESSORS[kind]
-    d = new()
-    started = False
-    try:
-        for chunk in chunks:
-            data = chunk
-            while data:
-                out = d.decompress(data, _CHUNK)
-                started = True
-                data = b""
-                if out:
-                    yield out
-                # Output is capped at _CHUNK per call; keep pulling while input or pending output remains.
-                while not d.eof and (not d.needs_input or len(out) >= _CHUNK):
-                    out = d.decompress(b"", _CHUNK)
-                    if out:
-                        yield out
-                    elif d.needs_input:
-                        break
-                if d.eof:
-                    data = d.unused_data
-                    d = new()
-                    started = False
-        while started and not d.eof:
-            out = d.decompress(b"", _CHUNK)
-            if not out:
-                raise EOFError("compressed data ends before the end-of-stream marker")
-            yield out
-    except (zlib.error, OSError, lzma.LZMAError, EOFError, ValueError) as exc:
-        for _ in chunks:
-            pass
-        raise IntegrityError(f"{what}: invalid {kind} data: {exc}") from None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -348,82 +238,6 @@ def _go_json(obj: Any) -> bytes:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Go archive/tar compatible writer
-
-
-def _octal(value: int, width: int) -> bytes:
-    s = format(value, "o")
-    if len(s) >= width:
-        raise ValueError("value does not fit a USTAR field")
-    return s.rjust(width - 1, "0").encode() + b"\0"
-
-
-def _field(text: str, width: int) -> bytes:
-    b = text.encode()
-    if len(b) > width:
-        raise ValueError("string does not fit a USTAR field")
-    return b.ljust(width, b"\0")
-
-
-def _tar_header(name: str, size: int, *, symlink_to: str | None = None) -> bytes:
-    """A header as Go's ``tar.FileInfoHeader`` + ``Writer.WriteHeader`` produce for containers' members."""
-    try:
-        block = bytearray(512)
-        block[0:100] = _field(name, 100)
-        block[100:108] = _octal(0 if symlink_to is not None else 0o444, 8)
-        block[108:116] = _octal(0, 8)
-        block[116:124] = _octal(0, 8)
-        block[124:136] = _octal(size, 12)
-        block[136:148] = _octal(0, 12)
-        block[148:156] = b" " * 8
-        block[156:157] = b"2" if symlink_to is not None else b"0"
-        block[157:257] = _field(symlink_to or "", 100)
-        block[257:263] = b"ustar\0"
-        block[263:265] = b"00"
-        block[329:337] = _octal(0, 8)
-        block[337:345] = _octal(0, 8)
-    except ValueError:
-        # Too long or too large for USTAR (Go would switch to PAX as well).
-        info = tarfile.TarInfo(name)
-        info.size = size
-        info.mtime = 0
-        info.uname = info.gname = ""
-        if symlink_to is not None:
-            info.type = tarfile.SYMTYPE
-            info.linkname = symlink_to
-            info.mode = 0
-        else:
-            info.mode = 0o444
-        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-    block[148:156] = format(sum(block), "06o").encode() + b"\0 "
-    return bytes(block)
-
-
-class _TarWriter:
-    def __init__(self, f: BinaryIO) -> None:
-        self._f = f
-
-    def add_bytes(self, name: str, data: bytes) -> None:
-        self.add_file(name, len(data), [data])
-
-    def add_file(self, name: str, size: int, chunks: Iterable[bytes]) -> None:
-        self._f.write(_tar_header(name, size))
-        written = 0
-        for chunk in chunks:
-            self._f.write(chunk)
-            written += len(chunk)
-        if written != size:
-            raise IntegrityError(f"docker-archive: {name} changed while writing: expected {size} bytes, got {written}")
-        self._f.write(b"\0" * (-size % 512))
-
-    def add_symlink(self, name: str, target: str) -> None:
-        self._f.write(_tar_header(name, 0, symlink_to=target))
-
-    def close(self) -> None:
-        self._f.write(b"\0" * 1024)
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # Source
 
 
@@ -469,7 +283,7 @@ class DockerArchiveSource(ImageSource):
     def _open_archive(self) -> str:
         try:
             with open(self.path, "rb") as f:
-                kind = _detect(f.read(6))
+                kind = detect_compression(f.read(6))
         except FileNotFoundError:
             raise NotFound(f"{self.description}: no such file") from None
         except IsADirectoryError:
@@ -479,7 +293,7 @@ class DockerArchiveSource(ImageSource):
         fd, tmp = tempfile.mkstemp(prefix="ferry-docker-tar-")
         self._tmp = tmp
         with os.fdopen(fd, "wb") as out, open(self.path, "rb") as f:
-            for piece in _decompress(_file_chunks(f), kind, self.description):
+            for piece in decompress(file_chunks(f), kind, self.description):
                 out.write(piece)
         return tmp
 
@@ -531,7 +345,7 @@ class DockerArchiveSource(ImageSource):
     def _compression_of(self, info: tarfile.TarInfo) -> str | None:
         with open(self._tar_path, "rb") as f:
             f.seek(info.offset_data)
-            return _detect(f.read(min(6, info.size)))
+            return detect_compression(f.read(min(6, info.size)))
 
     # -- image selection and the synthesised manifest
 
@@ -608,7 +422,7 @@ class DockerArchiveSource(ImageSource):
             if kind is not None:
                 size = 0
                 with self._raw_chunks(info) as chunks:
-                    for piece in _decompress(chunks, kind, f"{self.description}: {clean}"):
+                    for piece in decompress(chunks, kind, f"{self.description}: {clean}"):
                         size += len(piece)
             layers[diff_id] = _Layer(info, size, kind)
         config_digest = Digest.of(config)
@@ -660,7 +474,7 @@ class DockerArchiveSource(ImageSource):
             if layer.compression is None:
                 yield chunks
             else:
-                yield _decompress(chunks, layer.compression, f"{self.description}: blob {desc.digest}")
+                yield decompress(chunks, layer.compression, f"{self.description}: blob {desc.digest}")
 
     def close(self) -> None:
         if self._tmp is not None:
@@ -736,13 +550,13 @@ class DockerArchiveDestination(ImageDestination):
     def put_blob(self, desc: Descriptor, chunks: Iterable[bytes]) -> None:
         self._check_open()
         what = f"{self.description}: blob {desc.digest}"
-        head, stream = _peek(verify_stream(chunks, desc))
-        kind = None if desc.media_type in _CONFIG_TYPES else _detect(head)
+        head, stream = peek(verify_stream(chunks, desc))
+        kind = None if desc.media_type in _CONFIG_TYPES else detect_compression(head)
         if kind == "zstd":
             raise Unsupported(
                 f"{what}: docker-archive stores uncompressed layers and zstd decompression is not supported"
             )
-        plain = stream if kind is None else _decompress(stream, kind, what)
+        plain = stream if kind is None else decompress(stream, kind, what)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self._staging)
         try:
             h = hashlib.sha256()
@@ -829,7 +643,7 @@ class DockerArchiveDestination(ImageDestination):
     def _write_archive(self, f: BinaryIO) -> None:
         assert self._image is not None
         config_digest, diffs = self._image
-        w = _TarWriter(f)
+        w = TarWriter(f)
         sent: set[Digest] = set()
         for d in diffs:
             if d in sent:
@@ -838,7 +652,7 @@ class DockerArchiveDestination(ImageDestination):
             path = self._staged(d)
             size = os.path.getsize(path)
             with open(path, "rb") as lf:
-                w.add_file(f"{d.hex}.tar", size, _file_chunks(lf))
+                w.add_file(f"{d.hex}.tar", size, file_chunks(lf))
         with open(self._staged(config_digest), "rb") as cf:
             config = cf.read()
         w.add_bytes(f"{config_digest.hex}.json", config)

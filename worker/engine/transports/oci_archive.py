@@ -19,14 +19,11 @@ archive, which containers/image also accepts, is first decompressed to a temp fi
 
 from __future__ import annotations
 
-import bz2
 import contextlib
-import gzip
-import io
-import lzma
 import os
 import posixpath
 import shutil
+import stat
 import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -36,6 +33,7 @@ from typing import BinaryIO
 from worker.registry import (
     Descriptor,
     Digest,
+    IntegrityError,
     InvalidInput,
     InvalidReference,
     ManifestError,
@@ -43,6 +41,7 @@ from worker.registry import (
 )
 from worker.registry._fs import atomic_file, umask
 
+from ._archive import TarWriter, decompress, detect_compression, file_chunks
 from .base import ImageDestination, ImageSource, StoredManifest
 from .oci_layout import (
     BLOBS_DIR,
@@ -64,11 +63,6 @@ __all__ = [
 
 #: Same grammar as ``oci:`` (containers/image shares the code).
 parse_oci_archive_spec = parse_oci_spec
-
-_GZIP_MAGIC = b"\x1f\x8b"
-_BZIP2_MAGIC = b"BZh"
-_XZ_MAGIC = b"\xfd7zXZ\x00"
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 def _spec(path: str, ref: str | None) -> str:
@@ -102,17 +96,9 @@ class _TarReader:
         except IsADirectoryError:
             raise InvalidInput(f"OCI archive {archive} is a directory (use oci:{archive} for a layout)") from None
         path = archive
-        if magic.startswith(_ZSTD_MAGIC):
+        kind = detect_compression(magic)
+        if kind == "zstd":
             raise InvalidInput(f"OCI archive {archive} is zstd-compressed; decompress it first")
-        kind = (
-            "gzip"
-            if magic.startswith(_GZIP_MAGIC)
-            else "bzip2"
-            if magic.startswith(_BZIP2_MAGIC)
-            else "xz"
-            if magic.startswith(_XZ_MAGIC)
-            else None
-        )
         if kind is not None:
             path = self._decompressed = self._decompress(archive, kind, tmp_dir)
         try:
@@ -129,9 +115,10 @@ class _TarReader:
     def _decompress(self, archive: str, kind: str, tmp_dir: str | None) -> str:
         fd, tmp = tempfile.mkstemp(prefix="ferry-oci-archive-", suffix=".tar", dir=tmp_dir or big_files_tmp_dir())
         try:
-            with os.fdopen(fd, "wb") as out, _decompressor(kind, archive) as src:
-                shutil.copyfileobj(src, out, CHUNK_SIZE)
-        except (OSError, EOFError, lzma.LZMAError) as exc:
+            with os.fdopen(fd, "wb") as out, open(archive, "rb") as src:
+                for piece in decompress(file_chunks(src), kind, self.where):
+                    out.write(piece)
+        except IntegrityError as exc:
             os.unlink(tmp)
             raise InvalidInput(f"{self.where}: cannot decompress ({kind}): {exc}") from None
         except BaseException:
@@ -201,14 +188,6 @@ class _TarReader:
         self._drop_temp()
 
 
-def _decompressor(kind: str, path: str) -> io.BufferedIOBase:
-    if kind == "gzip":
-        return gzip.open(path, "rb")
-    if kind == "bzip2":
-        return bz2.open(path, "rb")
-    return lzma.open(path, "rb")
-
-
 def _member_name(name: str) -> str:
     return posixpath.normpath(name).lstrip("/")
 
@@ -249,27 +228,25 @@ class OCIArchiveSource(ImageSource):
 
 def write_layout_tar(root: str, out: BinaryIO) -> None:
     """Tar the layout at ``root`` into ``out`` the way skopeo does (see the module docstring)."""
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        _add_tree(tar, root, "")
-    # tarfile pads to a 10 KiB record; Go's archive/tar (skopeo) stops after the two zero blocks.
-    out.truncate(tar.offset)
+    tar = TarWriter(out, owner="root")
+    _add_tree(tar, root, "")
+    tar.close()
 
 
-def _add_tree(tar: tarfile.TarFile, directory: str, prefix: str) -> None:
+def _add_tree(tar: TarWriter, directory: str, prefix: str) -> None:
     with os.scandir(directory) as it:
         entries = sorted(it, key=lambda e: e.name)
     for entry in entries:
         if entry.name.startswith(".ferry-"):
             continue  # a temp file of an interrupted write, never part of the layout
-        info = tar.gettarinfo(entry.path, arcname=prefix + entry.name)
-        info.uid = info.gid = 0
-        info.uname = info.gname = "root"
+        st = entry.stat(follow_symlinks=False)
+        mode, mtime = stat.S_IMODE(st.st_mode), int(st.st_mtime)
         if entry.is_dir(follow_symlinks=False):
-            tar.addfile(info)
+            tar.add_dir(prefix + entry.name, mode=mode, mtime=mtime)
             _add_tree(tar, entry.path, prefix + entry.name + "/")
         elif entry.is_file(follow_symlinks=False):
             with open(entry.path, "rb") as f:
-                tar.addfile(info, f)
+                tar.add_file(prefix + entry.name, st.st_size, file_chunks(f), mode=mode, mtime=mtime)
 
 
 class OCIArchiveDestination(ImageDestination):
