@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from worker.registry import FerryError, InvalidInput
+from worker.registry import FerryError, InvalidInput, NotFound
 
 from . import deadline, verbs
 from .completion import _verbs
@@ -24,6 +24,8 @@ VERSION = "0.1.0"
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+#: skopeo ≥ 1.10 exits 2 when the source image does not exist (cmd/skopeo isNotFoundImageError)
+EXIT_NOT_FOUND = 2
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -266,7 +268,7 @@ def _run(handler: Handler, args: argparse.Namespace) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"Error: {_one_line(str(exc))}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_NOT_FOUND if image_not_found(exc) else EXIT_ERROR
     except BrokenPipeError:
         return EXIT_ERROR
     except OSError as exc:
@@ -295,6 +297,13 @@ def _lost_queue(exc: Exception) -> str | None:
     from worker.redis_url import unreachable
 
     return unreachable(os.environ.get("FERRY_QUEUE", ""), exc)
+
+
+def image_not_found(exc: BaseException) -> bool:
+    """skopeo's ``isNotFoundImageError``: a registry's MANIFEST_UNKNOWN, or no such image in an OCI layout/archive."""
+    if not isinstance(exc, NotFound):
+        return False
+    return "MANIFEST_UNKNOWN" in exc.codes or "no image named" in str(exc)
 
 
 def _one_line(text: str) -> str:

@@ -19,7 +19,7 @@ from worker.engine.steps import EngineContext
 from worker.engine.transports import ImageName
 from worker.registry import InvalidInput, Platform
 
-from . import deadline, trust_cmd
+from . import deadline, skopeo_lines, trust_cmd
 from .options import add_bool, add_retry_flags, add_shared_authfile, add_side_flags, side_config
 from .progress import make_progress, summary_line
 
@@ -157,7 +157,9 @@ def run_embedded(
     fail_fast: bool = False,
     signer: Signer | None = None,
 ) -> Report:
-    progress = make_progress(quiet)
+    progress: Any = make_progress(quiet)
+    if skopeo_lines.wanted(quiet):
+        progress = skopeo_lines.Tee(skopeo_lines.SkopeoLines(plan), progress)
     ctx.on_bytes = progress.on_bytes
     executor = EmbeddedExecutor(ctx, parallel=args.image_parallel_copies, events=progress, fail_fast=fail_fast)
 

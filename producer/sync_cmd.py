@@ -24,7 +24,7 @@ from worker.engine.sync import (
 from worker.engine.verify import VerifyReport
 from worker.registry import InvalidInput
 
-from . import trust_cmd
+from . import skopeo_lines, trust_cmd
 from .copy_cmd import add_copy_flags, copy_options, engine_context, interrupted, queue_url, run_embedded
 from .options import add_bool
 from .progress import human_bytes, summary_line
@@ -110,7 +110,13 @@ def sync(args: argparse.Namespace) -> int:
             incoming = [(i.destination, i.dest_digest) for i in plan.images]
             incoming += [(str(item.destination), digest) for item, digest in checked.unchanged]
             deletions = plan_deletions(ctx, disc, disc.items, incoming) if args.delete else []
-            return _dry_run(plan, checked.unchanged, deletions, failures)
+            code = _dry_run(plan, checked.unchanged, deletions, failures)
+            if skopeo_lines.wanted(quiet):
+                pairs = [(i.source, i.destination) for i in plan.images]
+                pairs += [(str(item.source), str(item.destination)) for item, _ in checked.unchanged]
+                for line in skopeo_lines.sync_log(pairs, dry_run=True):
+                    print(line, file=sys.stderr)
+            return code
         queue = queue_url(args)
         if queue:
             from .distributed import submit_plan
@@ -152,6 +158,8 @@ def sync(args: argparse.Namespace) -> int:
             outcome = ImageOutcome("", str(item.source), str(item.destination), "up-to-date", digest)
             report.images.append(outcome)
             if not quiet:
+                if skopeo_lines.wanted(quiet):
+                    print("Skipping: image already present at destination")
                 print(f"Skipped {outcome.source} -> {outcome.destination}: already up to date ({digest})")
         for src, dst, err in failures:
             report.images.append(ImageOutcome("", src, dst, "failed", error=err))
@@ -169,6 +177,10 @@ def sync(args: argparse.Namespace) -> int:
     finally:
         ctx.close()
     _outputs(args, report, deleted, kept, verified_report)
+    if skopeo_lines.wanted(quiet):
+        pairs = [(i.source, i.destination) for i in report.images if i.status in ("done", "up-to-date")]
+        for line in skopeo_lines.sync_log(pairs, dry_run=False):
+            print(line, file=sys.stderr)
     if not quiet:
         extra = f"; {len(deleted)} tag(s) deleted" if args.delete else ""
         print(summary_line(report) + extra, file=sys.stderr)

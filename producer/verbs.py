@@ -23,7 +23,7 @@ from worker.registry import (
     store_login,
 )
 
-from .gotemplate import GoStruct, GoTime, render
+from .gotemplate import GoStruct, GoTime, render_inspect
 from .options import side_config
 
 
@@ -65,7 +65,7 @@ def inspect(args: argparse.Namespace) -> int:
                 data = GoStruct(out)
                 if isinstance(out.get("Created"), str):
                     data["Created"] = GoTime(out["Created"])
-                _write(render(args.format, data) + "\n")
+                _write(render_inspect(args.format, data))
             else:
                 _write(go_json(out) + "\n")
             return 0

@@ -1,0 +1,127 @@
+"""What scripts grep: skopeo's progress lines when stdout is not a terminal, sync's logrus lines, exit codes.
+
+Each command runs with ferry and with skopeo 1.9 against the same registry; skopeo copies blobs in parallel,
+so the order of ``Copying blob`` lines within one image is compared as a set, everything else in order.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from pathlib import Path
+
+import pytest
+
+from tests.harness.images import build_image, build_multiarch, push_image, push_index
+from tests.harness.servers import RegistryServer
+from tests.test_skopeo_flags import both, ferry
+
+#: every line containers/image prints while copying (ferry adds its own lines besides these)
+SKOPEO_LINE = re.compile(
+    r"^(Getting image (source|list) signatures|Copying (blob|config|image) sha256:\S+( \(\d+/\d+\))?"
+    r"|Copying \d+ of \d+ images in list|Writing manifest( list)? to image destination|Storing (list )?signatures"
+    r"|Skipping: image already present at destination)$"
+)
+
+
+def skopeo_lines(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if SKOPEO_LINE.match(line)]
+
+
+def comparable(lines: list[str]) -> list[object]:
+    """Runs of ``Copying blob`` lines become sets (parallel copies print them in any order)."""
+    out: list[object] = []
+    for line in lines:
+        if line.startswith("Copying blob ") and out and isinstance(out[-1], set):
+            out[-1].add(line)
+        elif line.startswith("Copying blob "):
+            out.append({line})
+        else:
+            out.append(line)
+    return out
+
+
+def logrus_msgs(stderr: str) -> list[str]:
+    """logrus lines without their timestamp; not skopeo's tag discovery ("Tag presence check", "Getting tags")."""
+    return [
+        re.sub(r'^time="[^"]*" ', "", line)
+        for line in stderr.splitlines()
+        if line.startswith("time=") and "Tag presence check" not in line and "Getting tags" not in line
+    ]
+
+
+@pytest.fixture(scope="module")
+def images(registry: RegistryServer) -> dict[str, str]:
+    base = f"test/out-{secrets.token_hex(3)}"
+    push_image(registry.url, f"{base}/single", "v1", build_image("out-single", layers=[600, 300, 200], fmt="v2s2"))
+    idx = build_multiarch("out-index", platforms=["linux/amd64", "linux/arm64"], layers=[300], fmt="oci")
+    push_index(registry.url, f"{base}/index", "v1", idx)
+    return {"single": f"{registry.host}/{base}/single:v1", "index": f"{registry.host}/{base}/index:v1", "base": base}
+
+
+@pytest.mark.parametrize("kind", ["single", "index"])
+def test_copy_prints_skopeos_lines(registry: RegistryServer, images: dict[str, str], kind: str) -> None:
+    repo = f"{images['base']}/copied-{kind}"
+    f, s = both(
+        "copy",
+        "--all",
+        "--src-tls-verify=false",
+        "--dest-tls-verify=false",
+        f"docker://{images[kind]}",
+        f"docker://{registry.host}/{repo}-{{tool}}:v1",
+    )
+    assert (f.returncode, s.returncode) == (0, 0), (f.stderr, s.stderr)
+    assert skopeo_lines(s.stdout), s.stdout
+    assert comparable(skopeo_lines(f.stdout)) == comparable(skopeo_lines(s.stdout))
+    # Ferry's own summary is still there (stderr), and its per-image line (stdout)
+    assert "image(s):" in f.stderr
+    assert any(line.startswith("Copied ") for line in f.stdout.splitlines())
+
+
+def test_copy_quiet_prints_nothing(images: dict[str, str], tmp_path: Path) -> None:
+    f, s = both("copy", "-q", "--src-tls-verify=false", f"docker://{images['single']}", f"dir:{tmp_path}/{{tool}}")
+    assert (f.returncode, s.returncode) == (0, 0)
+    assert f.stdout == s.stdout == ""
+
+
+def test_sync_lines(registry: RegistryServer, images: dict[str, str]) -> None:
+    src = images["single"].rsplit(":", 1)[0]
+    flags = ["--src", "docker", "--dest", "docker", "--src-tls-verify=false", "--dest-tls-verify=false"]
+    dest = f"{registry.host}/{images['base']}/synced-{{tool}}"
+    f, s = both("sync", "--dry-run", *flags, src, dest)
+    assert (f.returncode, s.returncode) == (0, 0), (f.stderr, s.stderr)
+    want = [m.replace("synced-skopeo", "synced-ferry") for m in logrus_msgs(s.stderr)]
+    assert want and logrus_msgs(f.stderr) == want
+    assert any("Would have synced 1 images from 1 sources" in m for m in want)
+
+    f, s = both("sync", *flags, src, dest)
+    assert (f.returncode, s.returncode) == (0, 0), (f.stderr, s.stderr)
+    want = [m.replace("synced-skopeo", "synced-ferry") for m in logrus_msgs(s.stderr)]
+    assert want and logrus_msgs(f.stderr) == want
+    assert comparable(skopeo_lines(f.stdout)) == comparable(skopeo_lines(s.stdout))
+
+    # again: up to date (containers/image's line for an image already at the destination)
+    f = ferry("sync", *flags, src, dest.replace("{tool}", "ferry"))
+    assert f.returncode == 0, f.stderr
+    assert skopeo_lines(f.stdout) == ["Skipping: image already present at destination"]
+    assert any("Synced 1 images from 1 sources" in m for m in logrus_msgs(f.stderr))
+
+
+def test_missing_image_exits_2_like_current_skopeo(
+    registry: RegistryServer, images: dict[str, str], tmp_path: Path
+) -> None:
+    """skopeo ≥ 1.10 (cmd/skopeo/main.go, isNotFoundImageError) exits 2 for "manifest unknown"; 1.9 exits 1."""
+    missing = f"docker://{registry.host}/test/no-such-{secrets.token_hex(3)}:v1"
+    for args in (["inspect", "--tls-verify=false", missing], ["copy", "--src-tls-verify=false", missing, "dir:/x"]):
+        run = ferry(*args)
+        assert run.returncode == 2, run
+        assert "manifest unknown" in run.stderr.lower()
+    f, s = both("copy", "--src-tls-verify=false", missing, f"dir:{tmp_path}/{{tool}}")
+    assert s.returncode == 1 and "manifest unknown" in s.stderr  # the 1.9 reference, for the record
+    # an OCI layout without the named image: also "not found" (oci/layout ImageNotFoundError)
+    assert ferry("copy", f"oci:{tmp_path}/nolayout:x", f"dir:{tmp_path}/o").returncode == 1  # no layout at all
+    assert ferry("copy", "--src-tls-verify=false", f"docker://{images['single']}", f"oci:{tmp_path}/lay:a").returncode == 0
+    run = ferry("copy", f"oci:{tmp_path}/lay:b", f"dir:{tmp_path}/o2")
+    assert run.returncode == 2, run.stderr
+    # other errors stay 1
+    assert ferry("inspect", "--tls-verify=false", "docker://127.0.0.1:1/x:y").returncode == 1
