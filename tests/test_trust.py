@@ -420,6 +420,17 @@ def test_sync_keep_going_reports_rejected_images_and_copies_the_rest(
     raw, _ = fetch_manifest(registry2.url, f"{repo}-mirror/app", "signed")
     assert has_manifest(registry2, f"{repo}-mirror/app", attachment_tag(Digest.of(raw)))
 
+    # sync signing what it admits: the source's signature comes along, this run's is appended to it
+    proc = ferry(*args, "--keep-going", *sign, f"{registry.host}/{repo}/app", f"{dest}-signed", cache=cache)
+    assert proc.returncode == 1 and "no signature exists" in proc.stderr, proc.stderr
+    layers = signature_layers(registry2, f"{repo}-mirror-signed/app", Digest.of(raw))
+    claims = [parse_payload(fetch_blob_bytes(registry2, f"{repo}-mirror-signed/app", x["digest"])) for x in layers]
+    assert [c.docker_reference for c in claims] == [
+        f"{registry.host}/{repo}/app:signed",
+        f"{registry2.host}/{repo}-mirror-signed/app:signed",
+    ]
+    assert not has_manifest(registry2, f"{repo}-mirror-signed/app", "unsigned")
+
 
 def test_require_signed_and_refusals(
     registry: RegistryServer,
@@ -509,6 +520,13 @@ def test_multi_arch_each_copied_image_is_signed_and_checked(
         docker(registry2, repo + "-amd", "m"), cache=cache,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+
+
+def fetch_blob_bytes(reg: RegistryServer, repo: str, digest: str) -> bytes:
+    with registry_client(reg.url) as (client, base):
+        resp = client.get(f"{base}/v2/{repo}/blobs/{digest}")
+        assert resp.status_code == 200, resp.text
+        return resp.content
 
 
 def fetch_digest(reg: RegistryServer, repo: str, digest: Digest) -> str:
