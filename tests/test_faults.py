@@ -16,12 +16,15 @@ import httpx
 import pytest
 import redis
 
-from tests.harness.faulty import Fault, FaultyServer, answer, endless_pages, reset, trickle
+from tests.harness.faulty import Fault, FaultyServer, answer, endless_pages, reset, slow_reader, trickle
 from tests.harness.images import build_image, push_image
 from tests.harness.servers import RedisServer, RegistryServer
 from tests.harness.workers import start_worker
 from worker.registry import (
     ClientOptions,
+    Descriptor,
+    Digest,
+    MediaType,
     RegistryClient,
     RegistryError,
     RequestTimeout,
@@ -292,3 +295,15 @@ def test_worker_transfer_from_a_trickling_registry_ends_and_frees_its_lock(
     finally:
         state.r.close()
         worker.stop(grace=5)
+
+
+@pytest.mark.timeout(60)
+def test_upload_to_a_destination_that_cannot_keep_up_times_out(faulty: FaultyServer, unique_repo: str) -> None:
+    """The request side too: a destination that reads a streamed upload at a crawl fails it as a timeout."""
+    data = os.urandom(16 << 20)  # more than the loopback socket buffers hold
+    desc = Descriptor(MediaType.OCI_LAYER, Digest.of(data), len(data))
+    faulty.add(Fault(r"/blobs/uploads/", slow_reader(0.2, 16 * 1024), method="PATCH", times=None))
+    client = insecure_client(faulty, retry=RetryPolicy(times=0), min_rate=1 << 20, stall_window=1, chunk_size=len(data))
+    with pytest.raises(RequestTimeout, match="too slow: upload stalled"):
+        client.upload_blob(unique_repo, desc, (data[i : i + (1 << 20)] for i in range(0, len(data), 1 << 20)))
+    assert not client.blob_exists(unique_repo, desc.digest)

@@ -19,6 +19,7 @@ would reach any plain-HTTP registry. :attr:`FaultyServer.log` lists every ``(met
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -31,7 +32,17 @@ from typing import Any
 
 import httpx
 
-__all__ = ["Fault", "FaultyServer", "answer", "endless_pages", "reset", "serve", "start_faulty", "trickle"]
+__all__ = [
+    "Fault",
+    "FaultyServer",
+    "answer",
+    "endless_pages",
+    "reset",
+    "serve",
+    "slow_reader",
+    "start_faulty",
+    "trickle",
+]
 
 #: what a fault does with a request: gets the handler, the upstream answer (fetched lazily) and the server
 Action = Callable[["_Handler", Callable[[], httpx.Response]], None]
@@ -133,8 +144,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         srv = self.server_ref
-        body = self._body()
         fault = srv.take(self.command, self.path)
+        # a fault that reads the request body itself (slowly) gets it unread
+        body = b"" if fault is not None and getattr(fault.action, "reads_body", False) else self._body()
         fetched: list[httpx.Response] = []
 
         def upstream() -> httpx.Response:
@@ -240,6 +252,29 @@ def trickle(interval: float, size: int = 1) -> Action:
     def act(h: _Handler, upstream: Callable[[], httpx.Response]) -> None:
         h.relay(upstream(), pieces=(size, interval))
 
+    return act
+
+
+def slow_reader(interval: float, size: int = 1024) -> Action:
+    """Read the request body ``size`` bytes every ``interval`` seconds (a destination that cannot keep up), then
+    answer 503; the client's kernel buffers fill and its upload crawls."""
+
+    def act(h: _Handler, _upstream: Callable[[], httpx.Response]) -> None:
+        left = int(h.headers.get("content-length") or 0) or 1 << 40
+        chunked = h.headers.get("transfer-encoding", "").lower() == "chunked"
+        while left > 0 and not h.server_ref.stopping.wait(interval):
+            try:
+                piece = h.rfile.read1(size) if chunked else h.rfile.read(min(size, left))
+            except OSError:
+                break
+            if not piece:  # the client gave up
+                break
+            left -= len(piece)
+        h.close_connection = True
+        with contextlib.suppress(OSError):
+            answer(503)(h, _upstream)
+
+    act.reads_body = True  # type: ignore[attr-defined]
     return act
 
 

@@ -21,6 +21,8 @@ import httpx
 DEFAULT_MIN_RATE = 1024.0
 #: seconds over which the rate is judged (``FERRY_STALL_WINDOW``)
 DEFAULT_WINDOW = 30.0
+#: an upload body is written in pieces of at most this size, so its rate is judged between them
+UPLOAD_PIECE = 64 * 1024
 
 
 def env_min_rate() -> float:
@@ -71,12 +73,18 @@ class _MeteredStream(httpx.SyncByteStream):
     def __iter__(self) -> Iterator[bytes]:
         meter = _Meter(self.min_rate, self.window)
         for chunk in self.inner:
-            reason = meter.check(len(chunk))
-            if reason is not None:
-                if self.upload:
-                    raise _UploadStalled(f"upload stalled: {reason}")
-                raise TransferStalled(f"download stalled: {reason}")
-            yield chunk
+            # an upload goes out in small pieces: a write blocked on a server that reads at a crawl is judged
+            # after each piece, not after a whole (64 MiB) chunk
+            pieces = (
+                (chunk[i : i + UPLOAD_PIECE] for i in range(0, len(chunk), UPLOAD_PIECE)) if self.upload else (chunk,)
+            )
+            for piece in pieces:
+                reason = meter.check(len(piece))
+                if reason is not None:
+                    if self.upload:
+                        raise _UploadStalled(f"upload stalled: {reason}")
+                    raise TransferStalled(f"download stalled: {reason}")
+                yield piece
 
     def close(self) -> None:
         self.inner.close()
