@@ -251,10 +251,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command_timeout:
         deadline.arm(args.command_timeout[0], args.command_timeout[1])
     code = _run(handler, args)
-    if deadline.expired():
-        # threads still stuck in a transfer must not hold the exit past the deadline
-        deadline.exit_now(code)
-    deadline.disarm()
+    if args.command_timeout:
+        if deadline.expired():
+            # threads still stuck in a transfer must not hold the exit past the deadline
+            deadline.exit_now(code)
+        deadline.disarm()
     return code
 
 

@@ -21,14 +21,14 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
 from worker.registry import TimedOut
 
-_lock = threading.Lock()
+#: registered and run in the main thread only (the signal handler runs there): no lock, which the handler could
+#: find held by the very code it interrupted
 _hooks: list[Callable[[], None]] = []
 
 
@@ -58,7 +58,9 @@ def arm(seconds: float, text: str) -> None:
 
 
 def disarm() -> None:
+    """Stop the clock and forget that it ran out."""
     signal.setitimer(signal.ITIMER_REAL, 0)
+    _state.expired = _state.pending = False
 
 
 def expired() -> bool:
@@ -72,13 +74,11 @@ def message() -> str:
 @contextmanager
 def cancels(hook: Callable[[], None]) -> Iterator[None]:
     """While inside, the deadline calls ``hook`` (e.g. ``ctx.cancel.set``) instead of interrupting the main thread."""
-    with _lock:
-        _hooks.append(hook)
+    _hooks.append(hook)
     try:
         yield
     finally:
-        with _lock:
-            _hooks.remove(hook)
+        _hooks.remove(hook)
 
 
 @contextmanager
@@ -92,7 +92,7 @@ def shielded() -> Iterator[None]:
     if not _state.shield and _state.pending:
         _state.pending = False
         signal.setitimer(signal.ITIMER_REAL, _grace())  # the last word, if winding down hangs
-        raise TimedOut(message())
+        raise TimedOut(f"{message()}, after the destination was committed")
 
 
 def exit_now(code: int) -> None:
@@ -111,8 +111,7 @@ def _on_alarm(signum: int, frame: FrameType | None) -> None:
     if not _state.expired or _state.pending:
         _state.expired, _state.pending = True, False
         signal.setitimer(signal.ITIMER_REAL, _grace())  # the last word, if winding down hangs
-        with _lock:
-            hooks = list(_hooks)
+        hooks = list(_hooks)
         if hooks:
             for hook in hooks:
                 hook()
