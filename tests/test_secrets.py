@@ -101,6 +101,11 @@ def test_reason_of_real_redis_failures(locked_redis: RedisServer) -> None:
         with pytest.raises(redis.RedisError) as info:
             redis.Redis.from_url(url, socket_connect_timeout=2).ping()
         assert reason(info.value, url).startswith(why)
+    # a socket timeout and an unknown kind of error, as redis-py raises them; the password never shows
+    assert reason(redis.exceptions.TimeoutError("Timeout reading from socket")) == "timed out"
+    url = f"redis://:{PASSWORD}@{host}/0"
+    odd = redis.exceptions.ResponseError(f"ERR something about {url}")
+    assert PASSWORD not in reason(odd, url) and reason(odd, url).startswith("ResponseError: ERR something about")
 
 
 # --------------------------------------------------------------------------------------------------------------------
