@@ -343,7 +343,8 @@ def test_catalog_pagination(registry: RegistryServer, unique_repo: str) -> None:
     client.ping()
     mark = registry.log_mark()
     assert client.catalog(page_size=3) == everything
-    assert registry.count("GET", r"/v2/_catalog", since=mark) == len(everything) // 3 + 1
+    # one request per page; a full last page has no Link to an empty one (distribution 2.8), so ceil(n / 3)
+    assert registry.count("GET", r"/v2/_catalog", since=mark) == -(-len(everything) // 3)
 
 
 # --------------------------------------------------------------------------------------------------------------------

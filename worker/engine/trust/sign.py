@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from worker.registry import Digest, InvalidInput, InvalidReference, Reference, RegistryClient
+from worker.registry import CopyFailed, Digest, InvalidInput, InvalidReference, Reference, RegistryClient
 
 from ..transports import ImageDestination
 from ..transports.registry import RegistryDestination
@@ -28,6 +28,8 @@ from .attachments import SIGNATURE_ANNOTATION, SIGNATURE_MEDIA_TYPE, Attachment,
 from .keys import PrivateKey, verify_signature
 from .payload import InvalidPayload, make_payload, parse_payload
 
+#: how often a signature is appended again when a concurrent writer replaced the signature manifest
+APPEND_ATTEMPTS = 5
 #: a worker's passphrase when the job names no passphrase file (set in the worker's environment)
 PASSPHRASE_ENV = "FERRY_SIGN_PASSPHRASE"
 
@@ -106,15 +108,24 @@ class Signer:
         return False
 
     def sign(self, client: RegistryClient, destination: Reference, digest: Digest) -> bool:
-        """Sign manifest ``digest`` in the destination repository; False when it already has our signature."""
+        """Sign manifest ``digest`` in the destination repository; False when it already has our signature.
+
+        Appending is read-modify-write of the ``.sig`` manifest: two workers signing the same manifest (two
+        tags of one image) could each write a version without the other's signature. So the signature is
+        read back, and appended again if another writer replaced it.
+        """
         identity = self.identity_for(destination)
         repo = destination.repository
-        if self._has_own_signature(client, repo, digest, identity):
-            return False
-        payload = make_payload(digest, identity)
-        signature = base64.b64encode(self._key.sign(payload)).decode()
-        attachment = Attachment(SIGNATURE_MEDIA_TYPE, payload, {SIGNATURE_ANNOTATION: signature})
-        return append_signature(client, repo, digest, attachment)
+        added = False
+        for _ in range(APPEND_ATTEMPTS):
+            if self._has_own_signature(client, repo, digest, identity):
+                return added
+            payload = make_payload(digest, identity)
+            signature = base64.b64encode(self._key.sign(payload)).decode()
+            attachment = Attachment(SIGNATURE_MEDIA_TYPE, payload, {SIGNATURE_ANNOTATION: signature})
+            append_signature(client, repo, digest, attachment)
+            added = True
+        raise CopyFailed(f"signing {destination.name}@{digest}: the signature manifest kept changing under us")
 
 
 def sign_written(signer: Signer, dest: ImageDestination, digests: Sequence[str]) -> int:
