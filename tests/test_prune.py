@@ -291,3 +291,19 @@ def test_prune_killed_half_way_finishes_on_a_rerun_and_deletes_nothing_twice(
     assert not list((cache / "prune").glob("*.jsonl"))
     accepted = Counter(e.path for e in reg.access_log() if e.method == "DELETE" and e.status == 202)
     assert len(accepted) == 20 and set(accepted.values()) == {1}
+
+
+def test_ages_and_creation_times_are_read_like_the_tools_that_write_them() -> None:
+    from worker.engine.prune import _parse_time, parse_age
+    from worker.registry import InvalidInput
+
+    assert [parse_age(a) for a in ("30d", "2w", "12h", "1h30m", "90s", "45")] == [
+        30 * 86400, 14 * 86400, 12 * 3600, 5400, 90, 45,
+    ]  # fmt: skip
+    for bad in ("", "3 days", "10y", "d"):
+        with pytest.raises(InvalidInput):
+            parse_age(bad)
+    # Go's RFC 3339 with nanoseconds, an offset, and the zero time cosign writes (unknown)
+    assert _parse_time("2024-05-01T10:00:00.123456789Z") == dt.datetime(2024, 5, 1, 10, 0, 0, 123456, dt.UTC)
+    assert _parse_time("2024-05-01T12:00:00+02:00") == dt.datetime(2024, 5, 1, 10, 0, 0, tzinfo=dt.UTC)
+    assert _parse_time("0001-01-01T00:00:00Z") is None and _parse_time("yesterday") is None
