@@ -12,10 +12,10 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from worker.engine.copy import CopyJob, build_plan
-from worker.engine.executor import EmbeddedExecutor, Report
+from worker.engine.executor import EmbeddedExecutor, PlanFeed, Report
 from worker.engine.inspect import host_platform
 from worker.engine.plan import CopyOptions, MultiArch, Plan
-from worker.engine.steps import EngineContext
+from worker.engine.steps import DEFAULT_PER_HOST, DEFAULT_STREAMS, EngineContext, HostSlots
 from worker.engine.transports import ImageName
 from worker.registry import InvalidInput, Platform
 
@@ -51,9 +51,16 @@ def add_copy_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--image-parallel-copies",
         type=int,
-        default=6,
+        default=None,
         metavar="N",
-        help="blobs copied at once (default 6)",
+        help=f"steps (blob copies) at once for the whole run (default {DEFAULT_STREAMS})",
+    )
+    p.add_argument(
+        "--host-concurrency",
+        action="append",
+        default=[],
+        metavar="HOST=N",
+        help=f"at most N blob copies at once from or to HOST (repeatable; default {DEFAULT_PER_HOST} per host)",
     )
     p.add_argument("--digestfile", metavar="PATH", help="write the digest of the written manifest to PATH")
     p.add_argument("--summary-json", metavar="PATH", help="write the run summary as JSON to PATH")
@@ -102,7 +109,7 @@ def copy_options(args: argparse.Namespace) -> CopyOptions:
     if args.all and args.multi_arch not in (None, "all"):
         raise InvalidInput("--all and --multi-arch cannot disagree")
     platforms = tuple(Platform.parse(p) for p in args.platform)
-    if args.image_parallel_copies < 1:
+    if args.image_parallel_copies is not None and args.image_parallel_copies < 1:
         raise InvalidInput("--image-parallel-copies must be 1 or more")
     for tag in getattr(args, "additional_tag", []):
         from worker.registry import Reference
@@ -122,6 +129,42 @@ def copy_options(args: argparse.Namespace) -> CopyOptions:
     )
 
 
+def streams(args: argparse.Namespace) -> int:
+    """The run's stream budget: ``--image-parallel-copies`` where given (skopeo's meaning), else the default."""
+    n = getattr(args, "image_parallel_copies", None)
+    return int(n) if n else DEFAULT_STREAMS
+
+
+def host_slots(args: argparse.Namespace) -> HostSlots:
+    """Per-host caps: ``--host-concurrency HOST=N``, else ``ferry limit HOST --concurrency N`` when
+    ``$FERRY_QUEUE`` names a reachable Redis, else the default. They only ever lower the default."""
+    from worker.registry import Reference
+
+    caps: dict[str, int] = {}
+    shared = os.environ.get("FERRY_QUEUE")
+    if shared:
+        caps.update(_shared_caps(shared))
+    for spec in getattr(args, "host_concurrency", None) or []:
+        host, sep, count = spec.rpartition("=")
+        if not sep or not host or not count.isdigit() or int(count) < 1:
+            raise InvalidInput(f"--host-concurrency {spec!r}: expected HOST=N with N 1 or more")
+        caps[Reference.parse(f"{host}/x").api_host] = int(count)
+    return HostSlots(DEFAULT_PER_HOST, {h: min(n, DEFAULT_PER_HOST) for h, n in caps.items() if n > 0})
+
+
+def _shared_caps(url: str) -> dict[str, int]:
+    try:
+        import redis
+
+        from worker.state import SharedState
+
+        r = redis.Redis.from_url(url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0)
+        limits = SharedState(r).all_limits()
+    except Exception:  # shared limits are a courtesy to the fleet's registries; a local run goes on without
+        return {}
+    return {host: lim.concurrency for host, lim in limits.items() if lim.concurrency}
+
+
 def engine_context(args: argparse.Namespace, *, trust: bool = True) -> EngineContext:
     """Transports, caches and (``trust``: copy and sync) the trust policy every image must pass."""
     src_side = side_config(args, "src-")
@@ -133,6 +176,7 @@ def engine_context(args: argparse.Namespace, *, trust: bool = True) -> EngineCon
         dest_side=dest_side,
         locations=SqliteBlobLocations(),
         admission=trust_cmd.admission(args) if trust else None,
+        hosts=host_slots(args),
     )
 
 
@@ -156,12 +200,13 @@ def run_embedded(
     *,
     fail_fast: bool = False,
     signer: Signer | None = None,
+    feed: PlanFeed | None = None,
 ) -> Report:
     progress: Any = make_progress(quiet)
     if skopeo_lines.wanted(quiet):
         progress = skopeo_lines.Tee(skopeo_lines.SkopeoLines(plan), progress)
     ctx.on_bytes = progress.on_bytes
-    executor = EmbeddedExecutor(ctx, parallel=args.image_parallel_copies, events=progress, fail_fast=fail_fast)
+    executor = EmbeddedExecutor(ctx, parallel=streams(args), events=progress, fail_fast=fail_fast)
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
         ctx.cancel.set()
@@ -172,7 +217,7 @@ def run_embedded(
     try:
         # --command-timeout cancels the run like a Ctrl-C: nothing incomplete is written
         with deadline.cancels(ctx.cancel.set):
-            report = executor.run(plan)
+            report = executor.run(plan, feed)
             if signer is not None and not report.cancelled:
                 # once per image, after its manifests are written (and for images already there, if unsigned)
                 trust_cmd.sign_report(ctx, plan, report, signer)

@@ -1,13 +1,16 @@
-"""Progress display for copy and sync: rich bars on a terminal, one line per image elsewhere, nothing with -q."""
+"""Progress display for copy and sync: a live status block on a terminal, one line per image elsewhere, nothing
+with -q."""
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
+import time
 from typing import Any, TextIO
 
 from worker.engine.executor import ImageOutcome, Report
-from worker.engine.plan import BlobStep, Plan, Step
+from worker.engine.plan import BlobStep, ImagePlan, Plan, Step
 from worker.engine.steps import BlobResult
 
 
@@ -39,6 +42,9 @@ class LineProgress:
     def step_finished(self, step: Step, result: BlobResult | None, error: BaseException | None) -> None:
         pass
 
+    def image_planned(self, image: ImagePlan, steps: dict[str, Step]) -> None:
+        """An image planned while the run goes on (a pipelined sync), with the steps it added."""
+
     def image_finished(self, outcome: ImageOutcome) -> None:
         if self.quiet:
             return
@@ -55,78 +61,129 @@ class LineProgress:
         pass
 
 
-class RichProgress(LineProgress):
-    """Live bars: overall bytes and one bar per blob in flight."""
+class LiveProgress(LineProgress):
+    """A terminal status block, redrawn a few times a second: what is in flight and how far the run is.
 
-    def __init__(self, out: TextIO | None = None) -> None:
+    Events only bump counters under a lock (a few additions per chunk), so a 1000-image sync costs the
+    display almost nothing; a background thread redraws at most ``hz`` times a second with one write. Images
+    are counted, not listed (failures are printed as lines, and the summary comes at the end); in-flight
+    transfers show the largest few, each with its bytes so far.
+    """
+
+    #: transfers shown by name; the rest are counted
+    SHOWN = 6
+
+    def __init__(self, out: TextIO | None = None, *, hz: float = 4.0) -> None:
         super().__init__(out)
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TaskID,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
-        self._console = Console(file=self.out)
-        self._progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=self._console,
-            transient=False,
-        )
-        self._tasks: dict[str, TaskID] = {}
-        self._overall: TaskID | None = None
+        self.interval = 1.0 / hz
+        self._images_total = 0
+        self._done = self._skipped = self._failed = 0
+        self._blobs = {"transferred": 0, "mounted": 0, "skipped": 0}
+        self._bytes = 0
+        self._flight: dict[str, list[int]] = {}  # digest -> [bytes so far, size]
+        self._lines = 0
+        self._started = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failures: list[str] = []
 
     def start(self, plan: Plan) -> None:
-        total = sum(s.size for s in plan.blob_steps if not s.deps)
-        self._overall = self._progress.add_task("[bold]total", total=total or 1)
-        self._progress.start()
+        with self._lock:
+            self._images_total += len(plan.images)
+        self._started = time.monotonic()
+        self._thread = threading.Thread(target=self._loop, name="ferry-progress", daemon=True)
+        self._thread.start()
+
+    def image_planned(self, image: ImagePlan, steps: dict[str, Step]) -> None:
+        with self._lock:
+            self._images_total += 1
 
     def on_bytes(self, digest: str, n: int) -> None:
-        task = self._tasks.get(digest)
-        if task is not None:
-            self._progress.advance(task, n)
-        if self._overall is not None:
-            self._progress.advance(self._overall, n)
+        with self._lock:
+            self._bytes += n
+            slot = self._flight.get(digest)
+            if slot is not None:
+                slot[0] += n
 
     def step_started(self, step: Step) -> None:
-        if isinstance(step, BlobStep) and step.digest not in self._tasks:
-            short = step.digest.split(":", 1)[1][:12]
-            self._tasks[step.digest] = self._progress.add_task(f"blob {short}", total=step.size or 1)
+        if isinstance(step, BlobStep):
+            with self._lock:
+                self._flight.setdefault(step.digest, [0, step.size])
 
     def step_finished(self, step: Step, result: BlobResult | None, error: BaseException | None) -> None:
         if isinstance(step, BlobStep):
-            task = self._tasks.get(step.digest)
-            if task is not None:
-                if result is not None and result.action != "transferred":
-                    self._progress.update(task, description=f"blob {step.digest[7:19]} ({result.action})")
-                    self._progress.update(task, completed=step.size)
-                self._progress.remove_task(task) if result is not None and result.action == "skipped" else None
+            with self._lock:
+                self._flight.pop(step.digest, None)
+                if result is not None:
+                    self._blobs[result.action] = self._blobs.get(result.action, 0) + 1
 
     def image_finished(self, outcome: ImageOutcome) -> None:
         with self._lock:
             if outcome.status == "done":
-                self._console.print(f"[green]Copied[/] {outcome.source} -> {outcome.destination} ({outcome.digest})")
+                self._done += 1
             elif outcome.status == "up-to-date":
-                self._console.print(f"[cyan]Up to date[/] {outcome.destination} ({outcome.digest})")
+                self._skipped += 1
             else:
-                self._console.print(f"[red]Failed[/] {outcome.source} -> {outcome.destination}: {outcome.error}")
+                self._failed += 1
+                self._failures.append(f"Failed {outcome.source} -> {outcome.destination}: {outcome.error}")
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._draw()
+
+    def frame(self, width: int = 100) -> list[str]:
+        """The status block as lines (also what tests look at)."""
+        with self._lock:
+            elapsed = max(time.monotonic() - self._started, 1e-6)
+            ended = self._done + self._skipped + self._failed
+            total = max(self._images_total, ended)
+            head = (
+                f"images {ended}/{total}: {self._done} copied, {self._skipped} up to date, {self._failed} failed"
+                f" | blobs {self._blobs['transferred']} copied, {self._blobs['mounted']} mounted,"
+                f" {self._blobs['skipped']} present | {human_bytes(self._bytes)}"
+                f" at {human_bytes(self._bytes / elapsed)}/s"
+            )
+            flight = sorted(self._flight.items(), key=lambda kv: -kv[1][1])
+            lines = [head[:width]]
+            for digest, (got, size) in flight[: self.SHOWN]:
+                share = got / size if size > 0 else 0.0
+                bar = "#" * int(share * 20)
+                lines.append(f"  {digest[7:19]} [{bar:<20}] {human_bytes(got)} / {human_bytes(size)}"[:width])
+            if len(flight) > self.SHOWN:
+                lines.append(f"  ... and {len(flight) - self.SHOWN} more in flight")
+            failures, self._failures = self._failures, []
+        return [*failures, "\x00", *lines]
+
+    def _draw(self, final: bool = False) -> None:
+        try:
+            width = os.get_terminal_size(self.out.fileno()).columns - 1
+        except (OSError, ValueError):
+            width = 100
+        frame = self.frame(width)
+        cut = frame.index("\x00")
+        permanent, block = frame[:cut], frame[cut + 1 :]
+        # back to the top of the last block, clear it, print new permanent lines, then the block again
+        text = (f"\x1b[{self._lines}F" if self._lines else "") + "\x1b[J"
+        text += "".join(line + "\n" for line in permanent) + "".join(line + "\n" for line in block)
+        self._lines = len(block)
+        if final:
+            self._lines = 0
+        with self._lock:
+            self.out.write(text)
+            self.out.flush()
 
     def stop(self) -> None:
-        self._progress.stop()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            self._draw(final=True)
 
 
 def make_progress(quiet: bool, out: TextIO | None = None) -> LineProgress:
     stream = out or sys.stdout
     if not quiet and stream.isatty():
-        return RichProgress(stream)
+        return LiveProgress(stream)
     return LineProgress(stream, quiet=quiet)
 
 

@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 from worker.engine.executor import ImageOutcome
 from worker.engine.manifest import INDEX_TYPES
-from worker.engine.plan import ManifestStep, Plan, Step
+from worker.engine.plan import ImagePlan, ManifestStep, Plan, Step
 from worker.engine.steps import BlobResult
 
 _BARE = re.compile(r"^[A-Za-z0-9\-._/@^+]+$")
@@ -76,6 +76,12 @@ class SkopeoLines:
     def on_bytes(self, digest: str, n: int) -> None:
         pass
 
+    def image_planned(self, image: ImagePlan, steps: dict[str, Step]) -> None:
+        """An image planned while the run goes on (a pipelined sync): its block needs its steps."""
+        with self._lock:
+            self._images[image.id] = image
+            self.plan.steps.update(steps)
+
     def step_started(self, step: Step) -> None:
         pass
 
@@ -121,6 +127,12 @@ class Tee:
     def on_bytes(self, digest: str, n: int) -> None:
         for t in self.targets:
             t.on_bytes(digest, n)
+
+    def image_planned(self, image: ImagePlan, steps: dict[str, Step]) -> None:
+        for t in self.targets:
+            planned = getattr(t, "image_planned", None)
+            if planned is not None:
+                planned(image, steps)
 
     def step_started(self, step: Step) -> None:
         for t in self.targets:

@@ -5,14 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
 from worker.engine.blobcache import SqliteBlobLocations
-from worker.engine.executor import ImageOutcome, Report
-from worker.engine.plan import CopyOptions, Plan, plan_copy
+from worker.engine.executor import ImageOutcome, PlanFeed, Report
+from worker.engine.plan import CopyOptions, Plan, ResolvedImage, plan_copy
+from worker.engine.steps import EngineContext
 from worker.engine.sync import (
+    CheckResult,
     Deletion,
+    Discovery,
+    SyncOutcome,
     SyncRequest,
     _options_key,
     apply_deletions,
@@ -20,12 +25,21 @@ from worker.engine.sync import (
     discover,
     plan_deletions,
     resolve_changed,
+    sync_pipelined,
 )
 from worker.engine.verify import VerifyReport
 from worker.registry import InvalidInput
 
 from . import skopeo_lines, trust_cmd
-from .copy_cmd import add_copy_flags, copy_options, engine_context, interrupted, queue_url, run_embedded
+from .copy_cmd import (
+    add_copy_flags,
+    copy_options,
+    engine_context,
+    interrupted,
+    queue_url,
+    run_embedded,
+    streams,
+)
 from .options import add_bool
 from .progress import human_bytes, summary_line
 
@@ -80,23 +94,27 @@ def sync(args: argparse.Namespace) -> int:
     memo = ctx.locations if isinstance(ctx.locations, SqliteBlobLocations) else None
     req = sync_request(args, options)
     quiet = args.quiet
+    parallel = max(streams(args), 8)
     try:
-        disc = discover(ctx, req)
+        if signing is None and not args.dry_run and not queued:
+            # signing re-resolves images already there (to sign them if unsigned): that path plans first
+            return _sync_embedded(args, ctx, req, memo)
+        disc = discover(ctx, req, parallel=parallel)
         for w in disc.warnings:
             print(f"Warning: {w}", file=sys.stderr)
-        checked = check(ctx, disc.items, req, memo, parallel=max(args.image_parallel_copies, 4))
+        checked = check(ctx, disc.items, req, memo, parallel=parallel, tag_lists=disc.tag_lists)
         if signing is not None:
             # an image already there may still lack a signature by this key: resolve it to sign it if so
             checked.changed += [item for item, _digest in checked.unchanged]
             checked.unchanged = []
         failures: list[tuple[str, str, str]] = [(str(i.source), str(i.destination), e) for i, e in checked.failed]
         if failures and not args.keep_going:
-            src, dst, err = failures[0]
+            src, _dst, err = failures[0]
             raise InvalidInput(f"syncing {src}: {err} (use --keep-going to go on past failed images)")
-        resolved, rfailed = resolve_changed(ctx, checked.changed, req, parallel=max(args.image_parallel_copies, 4))
+        resolved, rfailed = resolve_changed(ctx, checked.changed, req, parallel=parallel)
         failures += [(str(i.source), str(i.destination), e) for i, e in rfailed]
         if rfailed and not args.keep_going:
-            src, dst, err = failures[-1]
+            src, _dst, err = failures[-1]
             raise InvalidInput(f"syncing {src}: {err} (use --keep-going to go on past failed images)")
         if queued and signing is not None:
             # a worker's finalizer signs by appending to sha256-HEX.sig; a copied .sig written by another
@@ -154,28 +172,86 @@ def sync(args: argparse.Namespace) -> int:
                 print(f"Error: {src} -> {dst}: {err}", file=sys.stderr)
             return code or (1 if failures or (verified and not verified[0].ok) else 0)
         report = run_embedded(args, ctx, plan, quiet, fail_fast=not args.keep_going, signer=signer)
-        for item, digest in checked.unchanged:
-            outcome = ImageOutcome("", str(item.source), str(item.destination), "up-to-date", digest)
-            report.images.append(outcome)
-            if not quiet:
-                if skopeo_lines.wanted(quiet):
-                    print("Skipping: image already present at destination")
-                print(f"Skipped {outcome.source} -> {outcome.destination}: already up to date ({digest})")
-        for src, dst, err in failures:
-            report.images.append(ImageOutcome("", src, dst, "failed", error=err))
-        _remember(memo, [(i.source, i.status, i.digest) for i in report.images], checked, resolved, options)
-        deleted: list[str] = []
-        kept: list[Deletion] = []
-        if args.delete and report.ok:
-            # planned now, against what the copy wrote: a tag it added may share a stale tag's manifest
-            deletions = plan_deletions(ctx, disc, disc.items)
-            deleted = apply_deletions(ctx, deletions)
-            kept = [d for d in deletions if d.kept_because]
-            for d in kept:
-                print(f"Kept {d.destination}: {d.kept_because}", file=sys.stderr)
-        verified_report = run_verify(args, ctx, req, memo, disc) if args.verify and not report.cancelled else None
+        return _finish(args, ctx, req, memo, disc, report, checked, resolved, failures)
     finally:
         ctx.close()
+
+
+def _sync_embedded(
+    args: argparse.Namespace, ctx: EngineContext, req: SyncRequest, memo: SqliteBlobLocations | None
+) -> int:
+    """Discovery, checks, resolution and copies at once: the executor starts on the first planned image."""
+
+    quiet = args.quiet
+    feed = PlanFeed()
+    produced: dict[str, Any] = {}
+
+    def produce() -> None:
+        try:
+            produced["outcome"] = sync_pipelined(
+                ctx, req, memo, feed, parallel=max(streams(args), 8), keep_going=args.keep_going
+            )
+        except BaseException as exc:  # raised in the main thread below
+            produced["error"] = exc
+
+    producer = threading.Thread(target=produce, name="ferry-sync-plan", daemon=True)
+    producer.start()
+    try:
+        report = run_embedded(args, ctx, Plan(), quiet, fail_fast=not args.keep_going, feed=feed)
+    finally:
+        feed.close()
+        producer.join()
+    if "error" in produced:
+        raise produced["error"]
+    outcome: SyncOutcome = produced["outcome"]
+    disc, checked, resolved = outcome.discovery, outcome.checked, outcome.resolved
+    for w in disc.warnings:
+        print(f"Warning: {w}", file=sys.stderr)
+    failures = [(str(i.source), str(i.destination), e) for i, e in [*checked.failed, *outcome.resolve_failed]]
+    if failures and not args.keep_going and not report.cancelled:
+        src, _dst, err = failures[0]
+        raise InvalidInput(f"syncing {src}: {err} (use --keep-going to go on past failed images)")
+    # unchanged images came through the feed (reported as they were found); failures before planning did not
+    return _finish(args, ctx, req, memo, disc, report, checked, resolved, failures, report_unchanged=False)
+
+
+def _finish(
+    args: argparse.Namespace,
+    ctx: EngineContext,
+    req: SyncRequest,
+    memo: SqliteBlobLocations | None,
+    disc: Discovery,
+    report: Report,
+    checked: CheckResult,
+    resolved: list[ResolvedImage],
+    failures: list[tuple[str, str, str]],
+    *,
+    report_unchanged: bool = True,
+) -> int:
+    """After the copies: report unchanged and failed images, remember digests, --delete, --verify, outputs."""
+    from .lifecycle_cmd import run_verify
+
+    quiet = args.quiet
+    for item, digest in checked.unchanged if report_unchanged else []:
+        outcome = ImageOutcome("", str(item.source), str(item.destination), "up-to-date", digest)
+        report.images.append(outcome)
+        if not quiet:
+            if skopeo_lines.wanted(quiet):
+                print("Skipping: image already present at destination")
+            print(f"Skipped {outcome.source} -> {outcome.destination}: already up to date ({digest})")
+    for src, dst, err in failures:
+        report.images.append(ImageOutcome("", src, dst, "failed", error=err))
+    _remember(memo, [(i.source, i.status, i.digest) for i in report.images], checked, resolved, req.options)
+    deleted: list[str] = []
+    kept: list[Deletion] = []
+    if args.delete and report.ok:
+        # planned now, against what the copy wrote: a tag it added may share a stale tag's manifest
+        deletions = plan_deletions(ctx, disc, disc.items)
+        deleted = apply_deletions(ctx, deletions)
+        kept = [d for d in deletions if d.kept_because]
+        for d in kept:
+            print(f"Kept {d.destination}: {d.kept_because}", file=sys.stderr)
+    verified_report = run_verify(args, ctx, req, memo, disc) if args.verify and not report.cancelled else None
     _outputs(args, report, deleted, kept, verified_report)
     if skopeo_lines.wanted(quiet):
         pairs = [(i.source, i.destination) for i in report.images if i.status in ("done", "up-to-date")]

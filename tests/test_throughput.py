@@ -9,21 +9,27 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
+import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
+from producer.progress import LiveProgress
 from tests.harness.images import build_image, push_image
 from tests.harness.servers import RegistryServer
 from worker.engine.copy import CopyJob, build_plan
-from worker.engine.executor import EmbeddedExecutor, Report
-from worker.engine.plan import CopyOptions
-from worker.engine.steps import EngineContext, MemoryBlobLocations
+from worker.engine.executor import EmbeddedExecutor, ImageOutcome, PlanFeed, Report
+from worker.engine.plan import BlobStep, CopyOptions, ImagePlan, Plan
+from worker.engine.steps import BlobResult, EngineContext, HostSlots, MemoryBlobLocations
+from worker.engine.sync import SyncItem, SyncOutcome, SyncRequest, discover, sync_pipelined
 from worker.engine.transports import ImageName, SideConfig
 from worker.registry import (
     ClientOptions,
@@ -206,3 +212,194 @@ def test_client_requests_outside_steps_retry_alone() -> None:
     with pytest.raises(ServerError):
         RetryPolicy(times=2, delay=0).run(lambda: client.list_tags("a/b"))
     assert calls.count("/v2/a/b/tags/list") == 3
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# parallel discovery, overlapping with the copies
+
+
+class Held(httpx.BaseTransport):
+    """Forwards to the real registries; holds back the answer to one tag listing until ``release`` is set."""
+
+    def __init__(self, hold: str | None, release: threading.Event, mark: str | None = None) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.hold = hold
+        self.release = release
+        self.mark = mark
+        self.released_in_time: bool | None = None
+        self.listings: list[str] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path.endswith("/tags/list"):
+            self.listings.append(path)
+        if self.hold is not None and path == self.hold:
+            self.released_in_time = self.release.wait(60)
+        response = self.inner.handle_request(request)
+        if self.mark is not None and request.method == "PUT" and re.search(self.mark, path):
+            self.release.set()
+        return response
+
+
+def in_file_order(items: list[SyncItem], repos: list[str], tags: set[str]) -> bool:
+    """Repositories in the file's order, each with all its tags (in the order its tag list gave them)."""
+    names = [(i.source.reference.repository, i.source.reference.tag) for i in items if i.source.reference]
+    grouped = [r for n, (r, _t) in enumerate(names) if n == 0 or names[n - 1][0] != r]
+    return grouped == repos and all({t for r2, t in names if r2 == r} == tags for r in repos)
+
+
+def test_first_blob_moves_before_discovery_ends(
+    registry: RegistryServer, registry2: RegistryServer, unique_repo: str, tmp_path: Path
+) -> None:
+    repos = [f"{unique_repo}/r{i}" for i in range(5)]
+    expected: dict[str, dict[str, str]] = {}
+    for n, repo in enumerate(repos):
+        for tag in ("a", "b"):
+            image = build_image(f"disc-{repo}-{tag}", layers=[800 + n], fmt="oci")
+            push_image(registry.url, repo, tag, image)
+            expected.setdefault(repo.rsplit("/", 1)[-1], {})[tag] = str(image.digest)
+    yaml_file = tmp_path / "sync.yaml"
+    yaml_file.write_text(
+        f"{registry.host}:\n  tls-verify: false\n  images:\n" + "".join(f"    {r}: []\n" for r in repos)
+    )
+    release = threading.Event()
+    # the last repository's tag list is answered only once a blob upload has completed at the destination
+    source = Held(f"/v2/{repos[-1]}/tags/list", release)
+    dest = Held(None, release, mark=r"/blobs/uploads/")
+    ctx = EngineContext(
+        source_side=SideConfig(tls_verify=False, transport=source),
+        dest_side=SideConfig(tls_verify=False, transport=dest),
+        locations=MemoryBlobLocations(),
+    )
+    req = SyncRequest("yaml", str(yaml_file), "docker", f"{registry2.host}/{unique_repo}-m", CopyOptions())
+    feed = PlanFeed()
+    produced: dict[str, SyncOutcome] = {}
+    producer = threading.Thread(target=lambda: produced.update(out=sync_pipelined(ctx, req, None, feed, parallel=4)))
+    producer.start()
+    try:
+        report = EmbeddedExecutor(ctx, parallel=4).run(Plan(), feed)
+    finally:
+        feed.close()
+        producer.join()
+        ctx.close()
+    assert source.released_in_time is True  # a blob was copied while a tag list was still outstanding
+    assert report.ok and len(report.images) == 10
+    outcome = produced["out"]
+    # discovery order is the file's order, whatever order the listings came back in
+    assert in_file_order(outcome.discovery.items, repos, {"a", "b"})
+    assert sorted(source.listings) == sorted(f"/v2/{r}/tags/list" for r in repos)  # each repository listed once
+    with httpx.Client(base_url=registry2.url) as c:
+        for short, tags in expected.items():
+            for tag, digest in tags.items():
+                resp = c.head(
+                    f"/v2/{unique_repo}-m/{short}/manifests/{tag}",
+                    headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+                )
+                assert resp.headers.get("docker-content-digest") == digest
+
+
+def test_discover_lists_in_parallel_and_keeps_file_order(
+    registry: RegistryServer, unique_repo: str, tmp_path: Path
+) -> None:
+    repos = [f"{unique_repo}/p{i}" for i in range(4)]
+    for repo in repos:
+        for tag in ("x", "y"):
+            push_image(registry.url, repo, tag, build_image(f"order-{repo}-{tag}", layers=[300], fmt="oci"))
+    yaml_file = tmp_path / "sync.yaml"
+    yaml_file.write_text(
+        f"{registry.host}:\n  tls-verify: false\n  images:\n" + "".join(f"    {r}: []\n" for r in repos)
+    )
+    release = threading.Event()
+    # the first repository answers last: it waits until the second one's listing has gone out
+    source = Held(f"/v2/{repos[0]}/tags/list", release)
+    original = source.handle_request
+
+    def watching(request: httpx.Request) -> httpx.Response:
+        if request.url.path == f"/v2/{repos[1]}/tags/list":
+            release.set()
+        return original(request)
+
+    source.handle_request = watching  # type: ignore[method-assign]
+    ctx = EngineContext(source_side=SideConfig(tls_verify=False, transport=source))
+    req = SyncRequest("yaml", str(yaml_file), "docker", "127.0.0.1:9/m", CopyOptions())
+    try:
+        disc = discover(ctx, req, parallel=4)
+    finally:
+        ctx.close()
+    assert source.released_in_time is True  # listings overlapped
+    assert in_file_order(disc.items, repos, {"x", "y"})
+    assert set(disc.tag_lists) == {f"{registry.host}/{r}" for r in repos}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# per-host caps
+
+
+def test_host_slots_cap_transfers_per_host() -> None:
+    slots = HostSlots(default=16, caps={"slow.example": 2})
+    cancel = threading.Event()
+    first, second = slots.hold(["slow.example", "a.example"], cancel), slots.hold(["slow.example"], cancel)
+    first.__enter__()
+    second.__enter__()
+    entered = threading.Event()
+
+    def third() -> None:
+        with slots.hold(["b.example", "slow.example"], cancel):
+            entered.set()
+
+    t = threading.Thread(target=third)
+    t.start()
+    assert not entered.wait(0.3)  # both slots of slow.example are taken (other hosts have room)
+    second.__exit__(None, None, None)
+    assert entered.wait(30)
+    t.join()
+    first.__exit__(None, None, None)
+
+
+def test_bad_host_concurrency_is_one_error_line(tmp_path: Path) -> None:
+    ferry = str(Path(sys.executable).with_name("ferry"))
+    proc = subprocess.run(
+        [ferry, "copy", "--host-concurrency", "reg.example", "oci:/nonexistent:x", f"oci:{tmp_path}/o:x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "FERRY_CACHE_DIR": str(tmp_path)},
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "Error: --host-concurrency 'reg.example': expected HOST=N with N 1 or more"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the terminal display
+
+
+def test_live_progress_counts_images_and_shows_transfers_in_flight() -> None:
+    out = io.StringIO()
+    progress = LiveProgress(out, hz=0.001)  # no timed redraw during the test: only the final one
+    progress.start(Plan())
+    steps = [
+        BlobStep(f"b{n}", "docker://a/b:c", "docker://d/e:f", f"sha256:{n:064x}", 1000 * (n + 1), "x") for n in range(9)
+    ]
+    for n in range(3):
+        progress.image_planned(ImagePlan(f"i{n}", "s", "d", "", ""), {})
+    for step in steps:
+        progress.step_started(step)
+    progress.on_bytes(steps[8].digest, 4500)
+    progress.step_finished(steps[0], BlobResult("mounted"), None)
+    progress.image_finished(ImageOutcome("i0", "s0", "d0", "done"))
+    progress.image_finished(ImageOutcome("i1", "s1", "d1", "failed", error="boom"))
+    frame = progress.frame()
+    progress.stop()
+    cut = frame.index("\x00")
+    assert frame[:cut] == ["Failed s1 -> d1: boom"]  # failures stay on screen as lines
+    head, *flight = frame[cut + 1 :]
+    assert head.startswith("images 2/3: 1 copied, 0 up to date, 1 failed | blobs 0 copied, 1 mounted, 0 present")
+    # the largest transfers by name (most bytes first), the rest counted: never a line per blob
+    assert len(flight) == LiveProgress.SHOWN + 1 and flight[-1] == "  ... and 2 more in flight"
+    assert flight[0].startswith(f"  {steps[8].digest[7:19]} [##########") and "4.4 KiB / 8.8 KiB" in flight[0]
+    # one redraw (the final one) went to the stream: events themselves draw nothing
+    written = out.getvalue()
+    assert written.count("images 2/3") == 1
+    assert written.count("Failed s1 -> d1") == 0  # frame() above already took it: each failure is printed once

@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from worker.registry import Cancelled, FerryError
 
-from .plan import BlobStep, ManifestStep, Plan, Step
+from .plan import BlobStep, ImagePlan, ManifestStep, Plan, Step
 from .steps import BlobResult, EngineContext, run_blob_step, run_manifest_step
 
 log = logging.getLogger("ferry.engine")
@@ -83,8 +84,59 @@ class NoEvents:
         pass
 
 
+class PlanFeed:
+    """Images planned while the executor already runs: a producer ``put``s them, then ``finish``es.
+
+    The executor takes what has arrived between steps, so the first blob moves while later images are still
+    being discovered, checked and resolved. ``failed`` (set by the producer) stops new steps under
+    ``fail_fast``; ``close`` (by the executor, when it stops) tells the producer to stop producing.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._items: list[tuple[list[ImagePlan], dict[str, Step]]] = []
+        self._finished = False
+        self.closed = False
+        self.failed = False
+
+    def put(self, images: list[ImagePlan], steps: dict[str, Step]) -> None:
+        with self._cond:
+            self._items.append((images, steps))
+            self._cond.notify_all()
+
+    def fail(self) -> None:
+        with self._cond:
+            self.failed = True
+            self._cond.notify_all()
+
+    def finish(self) -> None:
+        with self._cond:
+            self._finished = True
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+    @property
+    def done(self) -> bool:
+        with self._cond:
+            return self._finished and not self._items
+
+    def take(self) -> list[tuple[list[ImagePlan], dict[str, Step]]]:
+        with self._cond:
+            items, self._items = self._items, []
+            return items
+
+    def wait(self, timeout: float) -> None:
+        with self._cond:
+            if not self._items and not self._finished and not self.failed:
+                self._cond.wait(timeout)
+
+
 class Executor(Protocol):
-    def run(self, plan: Plan) -> Report: ...
+    def run(self, plan: Plan, feed: PlanFeed | None = None) -> Report: ...
 
 
 def describe_error(exc: BaseException) -> str:
@@ -110,58 +162,87 @@ class EmbeddedExecutor:
         #: stop starting new steps once an image failed (sync without --keep-going)
         self.fail_fast = fail_fast
 
-    def run(self, plan: Plan) -> Report:
+    def run(self, plan: Plan, feed: PlanFeed | None = None) -> Report:
+        """Run ``plan``; with a ``feed``, also every image added to it until it is closed (a pipelined sync)."""
         started = time.monotonic()
         report = Report()
-        outcomes = {i.id: ImageOutcome(i.id, i.source, i.destination, digest=i.dest_digest) for i in plan.images}
-        report.images = list(outcomes.values())
-        step_images = plan.step_images()
+        outcomes: dict[str, ImageOutcome] = {}
+        steps: dict[str, Step] = {}
+        step_images: dict[str, list[str]] = {}
         remaining: dict[str, set[str]] = {}
         dependents: dict[str, list[str]] = {}
-        for sid, step in plan.steps.items():
-            remaining[sid] = {d for d in step.deps if d in plan.steps}
-            for d in remaining[sid]:
-                dependents.setdefault(d, []).append(sid)
-        open_steps: dict[str, set[str]] = {i.id: set(i.steps) for i in plan.images}
-        for img in plan.images:
-            if img.up_to_date:
-                outcomes[img.id].status = "up-to-date"
-                self.events.image_finished(outcomes[img.id])
-            elif not img.steps:
-                outcomes[img.id].status = "done"
-                self.events.image_finished(outcomes[img.id])
-        ready = [sid for sid, deps in remaining.items() if not deps]
-        done: set[str] = set()
+        open_steps: dict[str, set[str]] = {}
+        ready: deque[str] = deque()
+        #: steps that ran and succeeded; steps that failed (or never ran because a dependency failed) -> error
+        succeeded: set[str] = set()
+        failed: dict[str, tuple[str, str]] = {}
         lock = threading.Lock()
         aborted = threading.Event()
+
+        def finish_image(out: ImageOutcome, status: str, error: str = "") -> None:
+            out.status = status
+            out.error = error
+            self.events.image_finished(out)
+            if status == "failed" and self.fail_fast:
+                aborted.set()
+
+        def add(images: list[ImagePlan], new_steps: dict[str, Step], fed: bool = True) -> None:
+            for sid, step in new_steps.items():
+                steps[sid] = step
+            planned = getattr(self.events, "image_planned", None)  # optional: a display counting images
+            for img in images:
+                if planned is not None and fed:
+                    planned(img, new_steps)
+                out = ImageOutcome(img.id, img.source, img.destination, digest=img.dest_digest)
+                outcomes[img.id] = out
+                report.images.append(out)
+                open_steps[img.id] = set()
+                for sid in img.steps:
+                    step_images.setdefault(sid, []).append(img.id)
+                    if sid in failed:
+                        if out.status == "pending":
+                            finish_image(out, failed[sid][1], failed[sid][0])
+                    elif sid not in succeeded:
+                        open_steps[img.id].add(sid)
+                if out.status != "pending":
+                    continue
+                if img.up_to_date:
+                    finish_image(out, "up-to-date")
+                elif not open_steps[img.id]:
+                    finish_image(out, "done")
+            for sid, step in new_steps.items():
+                deps = {d for d in step.deps if d in steps and d not in succeeded}
+                bad = next((d for d in deps if d in failed), None)
+                remaining[sid] = deps
+                for d in deps:
+                    dependents.setdefault(d, []).append(sid)
+                if bad is not None:
+                    fail_step(sid, *failed[bad])
+                elif not deps:
+                    ready.append(sid)
 
         def finish_step(sid: str) -> None:
             for image_id in step_images.get(sid, []):
                 open_steps[image_id].discard(sid)
                 out = outcomes[image_id]
                 if not open_steps[image_id] and out.status == "pending":
-                    out.status = "done"
-                    self.events.image_finished(out)
+                    finish_image(out, "done")
 
         def fail_step(sid: str, error: str, status: str = "failed") -> None:
             # the step and everything after it never run; its images fail
             stack = [sid]
             while stack:
                 cur = stack.pop()
-                if cur in done:
+                if cur in failed or cur in succeeded:
                     continue
-                done.add(cur)
+                failed[cur] = (error, status)
                 remaining.pop(cur, None)
                 stack.extend(dependents.get(cur, []))
                 for image_id in step_images.get(cur, []):
                     out = outcomes[image_id]
                     open_steps[image_id].discard(cur)
                     if out.status == "pending":
-                        out.status = status
-                        out.error = error
-                        self.events.image_finished(out)
-                        if status == "failed" and self.fail_fast:
-                            aborted.set()
+                        finish_image(out, status, error)
 
         def run_step(step: Step) -> BlobResult | None:
             if self.ctx.cancel.is_set():
@@ -172,25 +253,42 @@ class EmbeddedExecutor:
             run_manifest_step(self.ctx, step)
             return None
 
+        add(plan.images, plan.steps, fed=False)
         pool = ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="ferry-step")
         running: dict[Future[BlobResult | None], str] = {}
         try:
-            while ready or running:
+            while True:
+                if feed is not None:
+                    for images, new_steps in feed.take():
+                        with lock:
+                            add(images, new_steps)
+                    if feed.failed and self.fail_fast:
+                        aborted.set()
+                feeding = feed is not None and not feed.done
                 if aborted.is_set():
                     ready.clear()
                     if not running:
                         break
                 while ready and len(running) < self.parallel * 2 and not self.ctx.cancel.is_set():
-                    sid = ready.pop(0)
-                    if sid in done:
+                    sid = ready.popleft()
+                    if sid in failed or sid in succeeded:
                         continue
-                    running[pool.submit(run_step, plan.steps[sid])] = sid
+                    running[pool.submit(run_step, steps[sid])] = sid
                 if self.ctx.cancel.is_set() and not running:
                     break
-                finished, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
+                if not running:
+                    if not feeding:
+                        if not ready:
+                            break
+                        continue
+                    assert feed is not None
+                    feed.wait(0.5)
+                    continue
+                wakeups = [*running]
+                finished, _ = wait(wakeups, timeout=0.05 if feeding else 0.5, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     sid = running.pop(fut)
-                    step = plan.steps[sid]
+                    step = steps[sid]
                     exc = fut.exception()
                     with lock:
                         if exc is not None:
@@ -202,19 +300,21 @@ class EmbeddedExecutor:
                         result = fut.result()
                         self._count(report, step, result)
                         self.events.step_finished(step, result, None)
-                        done.add(sid)
+                        succeeded.add(sid)
                         finish_step(sid)
                         for dep in dependents.get(sid, []):
                             deps = remaining.get(dep)
                             if deps is None:
                                 continue
                             deps.discard(sid)
-                            if not deps and dep not in done:
+                            if not deps and dep not in failed and dep not in succeeded:
                                 ready.append(dep)
         except KeyboardInterrupt:
             self.ctx.cancel.set()
             raise
         finally:
+            if feed is not None:
+                feed.close()
             if self.ctx.cancel.is_set():
                 report.cancelled = True
                 for fut in running:

@@ -356,6 +356,35 @@ def plan_copy(images: Sequence[ResolvedImage], options: CopyOptions) -> Plan:
     return b.plan
 
 
+class Planner:
+    """``plan_copy`` one image at a time (a pipelined sync plans each image as soon as it is resolved).
+
+    Dedupe spans every image added so far, as in one ``plan_copy`` call. ``add`` returns the new image plan
+    and the steps it added (a step an earlier image already planned is listed in the image, not returned).
+    """
+
+    def __init__(self, options: CopyOptions) -> None:
+        self.options = options
+        self._b = _Builder()
+
+    def add(self, r: ResolvedImage) -> tuple[ImagePlan, dict[str, Step]]:
+        counter = self._b.counter
+        _plan_one(self._b, r, r.options or self.options, f"i{len(self._b.plan.images) + 1}")
+        new: dict[str, Step] = {}
+        for sid in reversed(self._b.plan.steps):  # step ids count up: the new ones are at the end
+            if int(sid[1:]) <= counter:
+                break
+            new[sid] = self._b.plan.steps[sid]
+        return self._b.plan.images[-1], dict(reversed(new.items()))
+
+    def up_to_date(self, source: str, destination: str, source_digest: str, dest_digest: str) -> ImagePlan:
+        """An image found unchanged without resolving it (sync's HEAD check): it gets an id and no steps."""
+        image = ImagePlan(f"i{len(self._b.plan.images) + 1}", source, destination, source_digest, dest_digest)
+        image.up_to_date = True
+        self._b.plan.images.append(image)
+        return image
+
+
 def _plan_one(b: _Builder, r: ResolvedImage, options: CopyOptions, image_id: str) -> None:
     top = r.top
     top_type = top.media_type

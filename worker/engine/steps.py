@@ -8,6 +8,7 @@ with Redis; the engine itself knows nothing of Celery or Redis.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -49,6 +50,45 @@ class MemoryBlobLocations:
                 repos.append(repository)
 
 
+#: blob transfers at once for the whole run when ``--image-parallel-copies`` is not given
+DEFAULT_STREAMS = 32
+#: blob transfers at once from or to one registry host, unless lowered (``--host-concurrency``, ``ferry limit``)
+DEFAULT_PER_HOST = 16
+
+
+class HostSlots:
+    """Per-host caps on blob transfers in flight (a transfer holds a slot on its source and destination host)."""
+
+    def __init__(self, default: int = DEFAULT_PER_HOST, caps: dict[str, int] | None = None) -> None:
+        self.default = default
+        self.caps = dict(caps or {})
+        self._lock = threading.Lock()
+        self._slots: dict[str, threading.BoundedSemaphore] = {}
+
+    def _slot(self, host: str) -> threading.BoundedSemaphore:
+        with self._lock:
+            slot = self._slots.get(host)
+            if slot is None:
+                cap = self.caps.get(host) or self.default
+                slot = self._slots[host] = threading.BoundedSemaphore(max(1, cap))
+            return slot
+
+    @contextlib.contextmanager
+    def hold(self, hosts: list[str], cancel: threading.Event) -> Iterator[None]:
+        taken: list[threading.BoundedSemaphore] = []
+        try:
+            for host in sorted(set(hosts)):  # one order for every transfer: no deadlock
+                slot = self._slot(host)
+                while not slot.acquire(timeout=0.5):
+                    if cancel.is_set():
+                        raise Cancelled("copy interrupted")
+                taken.append(slot)
+            yield
+        finally:
+            for slot in taken:
+                slot.release()
+
+
 @dataclass
 class BlobResult:
     #: "transferred", "mounted" or "skipped" (already there)
@@ -73,6 +113,8 @@ class EngineContext:
     pool: ClientPool = field(default_factory=ClientPool)
     #: the trust policy every image must pass while it is resolved (None: accept anything)
     admission: Admission | None = None
+    #: per-host caps on blob transfers in flight
+    hosts: HostSlots = field(default_factory=HostSlots)
     _sources: dict[str, ImageSource] = field(default_factory=dict)
     _dests: dict[str, ImageDestination] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -228,7 +270,11 @@ def transfer_blob(ctx: EngineContext, step: BlobStep) -> BlobResult:
             dest.put_blob(desc, _stream(ctx, step.digest, chunks))
         return BlobResult("transferred", desc.size)
 
-    result = retry.run(transfer)
+    hosts = [
+        n.reference.api_host for n in (ImageName.parse(step.source), ImageName.parse(step.destination)) if n.reference
+    ]
+    with ctx.hosts.hold(hosts, ctx.cancel):
+        result = retry.run(transfer)
     if repo:
         ctx.locations.add(store, step.digest, repo)
     src_name = ImageName.parse(step.source)
@@ -257,9 +303,12 @@ def run_manifest_step(ctx: EngineContext, step: ManifestStep) -> Digest:
 
 
 __all__ = [
+    "DEFAULT_PER_HOST",
+    "DEFAULT_STREAMS",
     "BlobLocations",
     "BlobResult",
     "EngineContext",
+    "HostSlots",
     "MemoryBlobLocations",
     "is_temporary",
     "run_blob_step",

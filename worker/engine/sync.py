@@ -19,6 +19,7 @@ import logging
 import os
 import posixpath
 import re
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -39,8 +40,8 @@ from worker.registry import (
     Reference,
 )
 
-from .executor import describe_error
-from .plan import CopyOptions, ResolvedImage, resolve_image
+from .executor import PlanFeed, describe_error
+from .plan import CopyOptions, Planner, ResolvedImage, resolve_image
 from .semver import Constraint, Version
 from .steps import EngineContext
 from .transports import ImageName, SideConfig
@@ -122,6 +123,59 @@ def _docker_suffix(ref: Reference) -> str:
 # -- discovery ---------------------------------------------------------------------------------------------------
 
 
+class Tasks:
+    """A thread pool that knows when everything spawned (and everything those spawned) has finished.
+
+    Discovery, checks and resolution run as tasks on one pool, each starting as soon as what it needs is
+    known: a repository's checks as soon as its tag list arrives, an image's resolution as soon as its
+    check says it changed. The first unexpected error is kept and raised by ``join``; after it no new task
+    starts.
+    """
+
+    def __init__(self, parallel: int, name: str = "ferry-sync") -> None:
+        self._pool = ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix=name)
+        self._cond = threading.Condition()
+        self._outstanding = 0
+        self.error: BaseException | None = None
+        self.stopped = False
+
+    def spawn(self, fn: Callable[[], None]) -> None:
+        with self._cond:
+            if self.error is not None or self.stopped:
+                return
+            self._outstanding += 1
+
+        def run() -> None:
+            try:
+                if self.error is None and not self.stopped:
+                    fn()
+            except BaseException as exc:
+                with self._cond:
+                    if self.error is None:
+                        self.error = exc
+            finally:
+                with self._cond:
+                    self._outstanding -= 1
+                    self._cond.notify_all()
+
+        self._pool.submit(run)
+
+    def stop(self) -> None:
+        with self._cond:
+            self.stopped = True
+
+    def join(self) -> None:
+        """Wait for every task; raise the first error one of them raised."""
+        try:
+            with self._cond:
+                while self._outstanding:
+                    self._cond.wait()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.error is not None:
+            raise self.error
+
+
 @dataclass
 class Discovery:
     items: list[SyncItem] = field(default_factory=list)
@@ -130,15 +184,60 @@ class Discovery:
     #: destination repository -> every tag its source repository has now (for --delete)
     source_tags: dict[str, set[str]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    #: source repository -> its tags, as listed (checks look for signature tags here: no second listing)
+    tag_lists: dict[str, list[str]] = field(default_factory=dict)
+    #: runs tag listings in parallel (``None``: one after another)
+    tasks: Tasks | None = None
+    #: called with (order, item) for every image found; default: ``items`` in order
+    emit: Callable[[int, SyncItem], None] | None = None
+    _order: int = 0
+    _found: list[tuple[int, SyncItem]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def next_order(self) -> int:
+        with self._lock:
+            self._order += 1
+            return self._order
+
+    def found(self, order: int, item: SyncItem) -> None:
+        if self.emit is not None:
+            self.emit(order, item)
+        else:
+            with self._lock:
+                self._found.append((order, item))
+
+    def run(self, fn: Callable[[], None]) -> None:
+        if self.tasks is not None:
+            self.tasks.spawn(fn)
+        else:
+            fn()
+
+    def finish(self) -> None:
+        """Put what was found in discovery order (the order of the YAML file and of each tag list)."""
+        self._found.sort(key=lambda pair: pair[0])
+        self.items = [item for _order, item in self._found]
 
 
-def discover(ctx: EngineContext, req: SyncRequest) -> Discovery:
-    out = Discovery()
+def discover(ctx: EngineContext, req: SyncRequest, *, parallel: int = 8) -> Discovery:
+    """Every image the request names, with its destination name; tag lists are fetched in parallel."""
+    out = Discovery(tasks=Tasks(parallel, "ferry-discover"))
+    try:
+        discover_into(ctx, req, out)
+    finally:
+        out.tasks.join()  # type: ignore[union-attr]
+    out.finish()
+    if req.source_kind == "docker" and not out.items:
+        raise InvalidInput(f"no images to sync found in {req.source!r}")
+    return out
+
+
+def discover_into(ctx: EngineContext, req: SyncRequest, out: Discovery) -> None:
+    """Start discovery: images go to ``out.found`` as they are known; listings run on ``out.tasks``."""
+    if req.source_kind == req.dest_kind == "dir":
+        raise InvalidInput("sync from 'dir' to 'dir' is not supported: use rsync")
     if req.source_kind == "docker":
         ref = Reference.parse(req.source, default_tag=False)
         _discover_repo(ctx, req, out, ref, tags=None if ref.tag is None and ref.digest is None else [])
-        if not out.items:
-            raise InvalidInput(f"no images to sync found in {req.source!r}")
     elif req.source_kind == "yaml":
         _discover_yaml(ctx, req, out)
     elif req.source_kind == "dir":
@@ -147,9 +246,6 @@ def discover(ctx: EngineContext, req: SyncRequest) -> Discovery:
         _discover_oci(req, out)
     else:
         raise InvalidInput(f"{req.source_kind!r} is not a valid source transport (docker, yaml, dir, oci)")
-    if req.source_kind == req.dest_kind == "dir":
-        raise InvalidInput("sync from 'dir' to 'dir' is not supported: use rsync")
-    return out
 
 
 def _list_tags(ctx: EngineContext, ref: Reference) -> list[str]:
@@ -170,33 +266,43 @@ def _discover_repo(
 ) -> None:
     """Add a repository's images: named tags/digests, or (``tags is None``) every tag passing the filter."""
     rules = rules or EntryRules()
+    order = out.next_order()
     if tags == []:  # a tagged or digested reference: just that image
-        out.items.append(SyncItem(_src(ref), destination_for(_docker_suffix(ref), req), options=options))
+        out.found(order, SyncItem(_src(ref), destination_for(_docker_suffix(ref), req), options=options))
         return
-    all_tags = _list_tags(ctx, ref)
     dest_repo = destination_for(_docker_suffix(ref.with_tag("x")), req)
-    if dest_repo.reference is not None:
-        # under their destination names (--append-suffix), which is what --delete compares with
-        out.source_tags.setdefault(dest_repo.reference.name, set()).update(t + req.append_suffix for t in all_tags)
-    if tags:
-        wanted = []
-        for t in tags:
-            try:
-                wanted.append(ref.with_digest(Digest.parse(t)) if t.startswith("sha") and ":" in t else ref.with_tag(t))
-            except FerryError:
-                wanted.append(ref.with_tag(t))
-    else:
-        selected = [t for t in all_tags if not _is_signature_tag(t)]
-        if tag_filter is not None:
-            selected = [t for t in selected if tag_filter(t)]
-        selected = [t for t in selected if not any(p.search(t) for p in rules.exclude)]
-        if rules.keep_latest:
-            selected = _keep_latest(ctx, ref, selected, rules)
-        wanted = [ref.with_tag(t) for t in selected]
-    for r in wanted:
-        if r.tag is not None and any(p.search(r.tag) for p in rules.exclude):
-            continue
-        out.items.append(SyncItem(_src(r), destination_for(_docker_suffix(r), req), options=options))
+
+    def listed() -> None:
+        all_tags = _list_tags(ctx, ref)
+        with out._lock:
+            out.tag_lists[ref.name] = all_tags
+            if dest_repo.reference is not None:
+                # under their destination names (--append-suffix), which is what --delete compares with
+                out.source_tags.setdefault(dest_repo.reference.name, set()).update(
+                    t + req.append_suffix for t in all_tags
+                )
+        if tags:
+            wanted = []
+            for t in tags:
+                try:
+                    is_digest = t.startswith("sha") and ":" in t
+                    wanted.append(ref.with_digest(Digest.parse(t)) if is_digest else ref.with_tag(t))
+                except FerryError:
+                    wanted.append(ref.with_tag(t))
+        else:
+            selected = [t for t in all_tags if not _is_signature_tag(t)]
+            if tag_filter is not None:
+                selected = [t for t in selected if tag_filter(t)]
+            selected = [t for t in selected if not any(p.search(t) for p in rules.exclude)]
+            if rules.keep_latest:
+                selected = _keep_latest(ctx, ref, selected, rules)
+            wanted = [ref.with_tag(t) for t in selected]
+        for r in wanted:
+            if r.tag is not None and any(p.search(r.tag) for p in rules.exclude):
+                continue
+            out.found(order, SyncItem(_src(r), destination_for(_docker_suffix(r), req), options=options))
+
+    out.run(listed)
 
 
 def _src(ref: Reference) -> ImageName:
@@ -349,25 +455,29 @@ def _discover_catalog(
     tag_rx = _regex(spec["tags"], registry, "*") if spec.get("tags") else None
     host = Reference.parse(f"{registry}/x").registry
     client = ctx.pool.client(Reference.parse(f"{registry}/x"), ctx.source_sides.get(host, ctx.source_side))
-    for repo in client.catalog():
-        if prefix and not repo.startswith(prefix):
-            continue
-        ref = Reference.parse(f"{registry}/{repo}", default_tag=False)
-        flt = _regex_filter(tag_rx) if tag_rx is not None else None
-        _discover_repo(ctx, req, out, ref, tags=None, tag_filter=flt, rules=rules, options=options)
+    # each page's repositories are listed (in parallel) while the next page is read
+    for page in client.catalog_pages():
+        for repo in page:
+            if prefix and not repo.startswith(prefix):
+                continue
+            ref = Reference.parse(f"{registry}/{repo}", default_tag=False)
+            flt = _regex_filter(tag_rx) if tag_rx is not None else None
+            _discover_repo(ctx, req, out, ref, tags=None, tag_filter=flt, rules=rules, options=options)
 
 
 def _discover_dir(req: SyncRequest, out: Discovery) -> None:
     base = req.source
     if not os.path.isdir(base):
         raise InvalidInput(f"invalid source directory {base!r}")
+    found = 0
     for root, dirs, files in os.walk(base):
         if "manifest.json" in files:
             rel = os.path.relpath(root, base)
             suffix = os.path.basename(os.path.abspath(base)) if rel == "." else rel
-            out.items.append(SyncItem(ImageName("dir", root), destination_for(suffix, req)))
+            out.found(out.next_order(), SyncItem(ImageName("dir", root), destination_for(suffix, req)))
+            found += 1
             dirs[:] = []
-    if not out.items:
+    if not found:
         raise InvalidInput(f"no images to sync found in {base!r}")
 
 
@@ -377,15 +487,62 @@ def _discover_oci(req: SyncRequest, out: Discovery) -> None:
         index = json.loads(index_path.read_text())
     except (OSError, ValueError) as exc:
         raise InvalidInput(f"cannot read OCI layout {req.source}: {exc}") from None
+    found = 0
     for m in index.get("manifests") or []:
         name = (m.get("annotations") or {}).get("org.opencontainers.image.ref.name")
         if name:
-            out.items.append(SyncItem(ImageName("oci", f"{req.source}:{name}"), destination_for(name, req)))
-    if not out.items:
+            out.found(out.next_order(), SyncItem(ImageName("oci", f"{req.source}:{name}"), destination_for(name, req)))
+            found += 1
+    if not found:
         raise InvalidInput(f"no named images to sync found in OCI layout {req.source!r}")
 
 
 # -- checking: HEAD, HEAD, compare ---------------------------------------------------------------------------
+
+
+@dataclass
+class Checked:
+    item: SyncItem
+    source_digest: str
+    #: what the destination holds at the name now (``None``: nothing)
+    dest: Descriptor | None
+    #: the destination already has this image (the same digest, or what a previous sync made of it)
+    unchanged: bool
+    extras: list[SyncItem]
+
+
+def check_one(
+    ctx: EngineContext, item: SyncItem, req: SyncRequest, memo: Any, tag_lists: dict[str, list[str]]
+) -> Checked:
+    """HEAD the source and the destination; find the image's signatures and referrers."""
+    src = ctx.source(str(item.source))
+    src_desc = src.head_manifest(None)
+    if src_desc is None:
+        raise NotFound(f"{item.source}: manifest unknown", status=404)
+    dest = ctx.destination(str(item.destination))
+    try:
+        dest_desc = dest.head_manifest(None)
+    except NotFound:
+        dest_desc = None
+    extras = [] if req.remove_signatures or item.extra else _extras(ctx, item, src_desc, req, tag_lists)
+    src_digest = str(src_desc.digest)
+    expected = {src_digest}
+    if memo is not None and dest_desc is not None and str(dest_desc.digest) != src_digest:
+        remembered = memo.memo_get(str(item.source), src_digest, _options_key(item.options or req.options))
+        if remembered:
+            expected.add(remembered)
+    unchanged = dest_desc is not None and str(dest_desc.digest) in expected
+    return Checked(item, src_digest, dest_desc, unchanged, extras)
+
+
+def _record(result: CheckResult, c: Checked) -> None:
+    result.source_heads[str(c.item.source)] = c.source_digest
+    if c.unchanged:
+        assert c.dest is not None
+        result.unchanged.append((c.item, str(c.dest.digest)))
+    else:
+        result.changed.append(c.item)
+        result.source_digests[str(c.item.source)] = c.source_digest
 
 
 def check(
@@ -395,31 +552,11 @@ def check(
     memo: Any,
     *,
     parallel: int = 8,
+    tag_lists: dict[str, list[str]] | None = None,
 ) -> CheckResult:
     """Split items into changed and unchanged using HEAD requests only (plus signature discovery)."""
     result = CheckResult()
-    tag_cache: dict[str, list[str]] = {}
-
-    def one(item: SyncItem) -> tuple[SyncItem, str | None, str | None, list[SyncItem]]:
-        src = ctx.source(str(item.source))
-        src_desc = src.head_manifest(None)
-        if src_desc is None:
-            raise NotFound(f"{item.source}: manifest unknown", status=404)
-        dest = ctx.destination(str(item.destination))
-        try:
-            dest_desc = dest.head_manifest(None)
-        except NotFound:
-            dest_desc = None
-        extras = [] if req.remove_signatures or item.extra else _extras(ctx, item, src_desc, req, tag_cache)
-        src_digest = str(src_desc.digest)
-        opts_key = _options_key(item.options or req.options)
-        expected = {src_digest}
-        remembered = memo.memo_get(str(item.source), src_digest, opts_key) if memo is not None else None
-        if remembered:
-            expected.add(remembered)
-        if dest_desc is not None and str(dest_desc.digest) in expected:
-            return item, src_digest, str(dest_desc.digest), extras
-        return item, src_digest, None, extras
+    lists = tag_lists if tag_lists is not None else {}
 
     with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="ferry-check") as pool:
         pending = list(items)
@@ -432,23 +569,132 @@ def check(
                 if str(it.destination) in seen:
                     continue
                 seen.add(str(it.destination))
-                futures.append((it, pool.submit(one, it)))
+                futures.append((it, pool.submit(check_one, ctx, it, req, memo, lists)))
             for it, fut in futures:
                 try:
-                    item, src_digest, up_to_date, extras = fut.result()
+                    c = fut.result()
                 except FerryError as exc:
                     result.failed.append((it, describe_error(exc)))
                     continue
-                if src_digest:
-                    result.source_heads[str(item.source)] = src_digest
-                if up_to_date is not None:
-                    result.unchanged.append((item, up_to_date))
-                else:
-                    result.changed.append(item)
-                    if src_digest:
-                        result.source_digests[str(item.source)] = src_digest
-                pending.extend(e for e in extras if str(e.destination) not in seen)
+                _record(result, c)
+                pending.extend(e for e in c.extras if str(e.destination) not in seen)
     return result
+
+
+# -- the pipelined sync ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class SyncOutcome:
+    """What a pipelined sync found besides the copies (those are in the executor's report)."""
+
+    discovery: Discovery
+    checked: CheckResult
+    resolved: list[ResolvedImage] = field(default_factory=list)
+    #: resolution failures (check failures are in ``checked.failed``)
+    resolve_failed: list[tuple[SyncItem, str]] = field(default_factory=list)
+
+
+def sync_pipelined(
+    ctx: EngineContext,
+    req: SyncRequest,
+    memo: Any,
+    feed: PlanFeed,
+    *,
+    parallel: int = 8,
+    keep_going: bool = False,
+) -> SyncOutcome:
+    """Discover, check, resolve and plan at once, each image as soon as the step before it is done for it.
+
+    Planned images go to ``feed`` for an executor running meanwhile, so the first blob moves while tag lists
+    are still arriving; unchanged images go there too, as up to date (``checked.unchanged`` lists them as
+    well). A failed check or resolution is recorded; without ``keep_going`` it also tells the executor to
+    start nothing new (``feed.fail``). Errors of discovery itself (a repository that does not
+    exist, a bad YAML file) are raised once the tasks already running have ended. ``feed`` is finished here,
+    whatever happens.
+    """
+    tasks = Tasks(parallel)
+    disc = Discovery(tasks=tasks)
+    out = SyncOutcome(disc, CheckResult())
+    planner = Planner(req.options)
+    lock = threading.Lock()
+    seen: set[str] = set()
+    found: list[tuple[int, SyncItem]] = []
+
+    def failed(item: SyncItem, exc: FerryError, into: list[tuple[SyncItem, str]]) -> None:
+        with lock:
+            into.append((item, describe_error(exc)))
+        if not keep_going:
+            feed.fail()
+            tasks.stop()
+
+    def resolve(c: Checked) -> None:
+        item = c.item
+        try:
+            src = ctx.source(str(item.source))
+            dest = ctx.destination(str(item.destination))
+            r = resolve_image(
+                item.source, src, item.destination, dest, item.options or req.options, head_destination=False
+            )
+            r.dest_digest = c.dest.digest if c.dest is not None else None
+            if item.extra:
+                r.attachment = True
+            else:
+                ctx.admit(item.source, src, r)  # the trust policy, before anything of it is written
+            with lock:
+                image, steps = planner.add(r)
+                out.resolved.append(r)
+        except FerryError as exc:
+            failed(item, exc, out.resolve_failed)
+            return
+        feed.put([image], steps)
+        # a signature or referrer goes only with an image that is copied (never with a rejected one)
+        for extra in c.extras:
+            emit(0, extra)
+
+    def check_item(item: SyncItem) -> None:
+        if feed.closed:
+            return
+        try:
+            c = check_one(ctx, item, req, memo, disc.tag_lists)
+        except FerryError as exc:
+            failed(item, exc, out.checked.failed)
+            return
+        with lock:
+            _record(out.checked, c)
+            if c.unchanged:
+                assert c.dest is not None
+                image = planner.up_to_date(str(item.source), str(item.destination), c.source_digest, str(c.dest.digest))
+        if c.unchanged:
+            feed.put([image], {})  # reported (and counted by the display) as it is found
+            for extra in c.extras:
+                emit(0, extra)
+        else:
+            tasks.spawn(lambda: resolve(c))  # its extras follow once it is admitted and planned
+
+    def emit(order: int, item: SyncItem) -> None:
+        with lock:
+            # the same image named twice (a tag listed under `images` and matched by a regex): copy it once
+            if str(item.destination) in seen:
+                return
+            seen.add(str(item.destination))
+            if not item.extra:
+                found.append((order, item))
+        tasks.spawn(lambda: check_item(item))
+
+    disc.emit = emit
+    try:
+        try:
+            discover_into(ctx, req, disc)
+        finally:
+            tasks.join()
+    finally:
+        feed.finish()
+    found.sort(key=lambda pair: pair[0])
+    disc.items = [item for _order, item in found]
+    if req.source_kind == "docker" and not disc.items:
+        raise InvalidInput(f"no images to sync found in {req.source!r}")
+    return out
 
 
 def _options_key(options: CopyOptions) -> str:
@@ -464,7 +710,7 @@ def _options_key(options: CopyOptions) -> str:
 
 
 def _extras(
-    ctx: EngineContext, item: SyncItem, desc: Descriptor, req: SyncRequest, tag_cache: dict[str, list[str]]
+    ctx: EngineContext, item: SyncItem, desc: Descriptor, req: SyncRequest, tag_lists: dict[str, list[str]]
 ) -> list[SyncItem]:
     """Signature, attestation and SBOM tags and OCI referrers of this image, when the digest is kept."""
     ref = item.source.reference
@@ -479,12 +725,12 @@ def _extras(
     if options.format is not None or not (single or (options.multi_arch == "all" and not options.platforms)):
         return []  # digests change at the destination: signatures for the old digest would not apply
     key = ref.name
-    if key not in tag_cache:
+    if key not in tag_lists:  # discovery lists each repository it walks; a single named image needs a listing
         try:
-            tag_cache[key] = ctx.source(str(item.source)).list_tags()
+            tag_lists[key] = ctx.source(str(item.source)).list_tags()
         except FerryError:
-            tag_cache[key] = []
-    tags = set(tag_cache[key])
+            tag_lists[key] = []
+    tags = set(tag_lists[key])
     base = f"{desc.digest.algorithm}-{desc.digest.hex}"
     extra_opts = replace(options, multi_arch="all", platforms=(), format=None)
     out = []

@@ -304,7 +304,9 @@ class RegistryClient:
     def _make_http(self) -> httpx.Client:
         opts = self.options
         verify: ssl.SSLContext | bool = ssl_context(self.host, verify=opts.tls_verify, cert_dir=opts.cert_dir)
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+        # one pool per registry host, kept alive between requests: enough for every stream of a run
+        # (32 by default) plus the checks running beside them, so no request waits for a connection
+        limits = httpx.Limits(max_connections=96, max_keepalive_connections=96, keepalive_expiry=30.0)
         # every body is held to a minimum rate: a trickling server cannot reset the read timeout for ever
         inner = opts.transport or httpx.HTTPTransport(verify=verify, limits=limits)
         return httpx.Client(
@@ -574,9 +576,22 @@ class RegistryClient:
             page_size,
         )
 
+    def catalog_pages(self, page_size: int | None = 1000) -> Iterator[list[str]]:
+        """The repositories of ``_catalog`` page by page, as each page arrives."""
+        return self._pages(
+            "/v2/_catalog",
+            "repositories",
+            ["registry:catalog:*"],
+            f"listing repositories of {self.registry}",
+            page_size,
+        )
+
     def _paginate(self, path: str, key: str, scopes: list[str], what: str, page_size: int | None) -> list[str]:
+        return [entry for page in self._pages(path, key, scopes, what, page_size) for entry in page]
+
+    def _pages(self, path: str, key: str, scopes: list[str], what: str, page_size: int | None) -> Iterator[list[str]]:
         """Follow ``Link: rel="next"`` to the end; a registry whose pages never end or loop gets an error."""
-        out: list[str] = []
+        listed = 0
         url: str | None = path + (f"?n={page_size}" if page_size else "")
         seen: set[str] = set()
         while url:
@@ -591,11 +606,12 @@ class RegistryClient:
                 body = json.loads(resp.content)
             except ValueError:
                 raise RegistryError(f"{what}: the registry sent malformed JSON") from None
-            out.extend(body.get(key) or [])
-            if len(out) > MAX_LISTED:
+            page = list(body.get(key) or [])
+            listed += len(page)
+            if listed > MAX_LISTED:
                 raise RegistryError(f"{what}: more than {MAX_LISTED} entries; giving up")
             url = _next_link(resp.headers.get("link"), self.base_url + path)
-        return out
+            yield page
 
     # -- blobs ---------------------------------------------------------------------------------------------------------
 
