@@ -144,3 +144,23 @@ def test_exporter_serves_the_counters_a_histogram_and_the_gauges(r: redis.Redis)
     assert got[("ferry_queue_length", (("queue", "ferry.blobs"),))] == 2
     assert got[("ferry_queue_length", (("queue", "ferry.meta"),))] == 0
     assert got[("ferry_tasks_unacknowledged", ())] == 0
+
+
+def test_a_redis_outage_never_fails_the_transfer_it_meters() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    # nothing listens there; no client-side retries, so the test is quick
+    down = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+    meter = _meter(down)
+    for _ in range(3):
+        meter.on_bytes(meter.digest, 8 * MiB)  # each one is due for a write, and each write fails
+    meter.on_attempt(meter.digest)
+    assert meter._unflushed == 24 * MiB  # kept for the next write that works
+    with telemetry.metering(type("Hooks", (), {"on_bytes": None, "on_attempt": None})(), meter) as m:
+        m.on_bytes(m.digest, 1)

@@ -21,6 +21,7 @@ comes first, never once per chunk.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import Counter
@@ -30,6 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 import redis
+
+log = logging.getLogger("ferry.telemetry")
 
 PREFIX = "ferry:telemetry:"
 INFLIGHT = f"{PREFIX}inflight"
@@ -117,14 +120,21 @@ class TransferMeter:
             self._unflushed += n
             due = self._unflushed >= FLUSH_BYTES or time.monotonic() - self._last_flush >= FLUSH_SECONDS
         if due:
-            self.flush()
+            self._try_flush()
 
     def on_attempt(self, digest: str) -> None:
         """A (new) streaming attempt starts: its bytes count from 0."""
-        self.flush()
+        self._try_flush()
         with self._lock:
             self.bytes = 0
-        self.flush(force=True)
+        self._try_flush(force=True)
+
+    def _try_flush(self, *, force: bool = False) -> None:
+        """Telemetry never fails a copy: a Redis error here leaves the count to the next write."""
+        try:
+            self.flush(force=force)
+        except redis.RedisError:
+            log.debug("progress write failed", exc_info=True)
 
     def flush(self, *, force: bool = False) -> None:
         """Write the count if bytes came since the last write (or if ``force``); one writer at a time, so the
@@ -145,7 +155,12 @@ class TransferMeter:
                 pipe.expire(job_key, JOB_TTL)
                 labels = {"source_registry": self.source_registry, "destination_registry": self.destination_registry}
                 pipe.hincrbyfloat(COUNTERS, _counter_field("transferred_bytes", labels), moved)
-            pipe.execute()
+            try:
+                pipe.execute()
+            except redis.RedisError:
+                with self._lock:
+                    self._unflushed += moved  # counted at the next write
+                raise
 
     def close(self) -> None:
         self.flush()
@@ -164,16 +179,13 @@ def metering(hooks: EngineHooks, meter: TransferMeter) -> Iterator[TransferMeter
     def tick() -> None:
         # a stream that stalls still shows what arrived before the stall, within FLUSH_SECONDS
         while not stop.wait(FLUSH_SECONDS):
-            try:
-                meter.flush()
-            except redis.RedisError:
-                pass
+            meter._try_flush()
 
     hooks.on_bytes = meter.on_bytes
     hooks.on_attempt = meter.on_attempt
     ticker = threading.Thread(target=tick, name="ferry-meter", daemon=True)
     try:
-        meter.flush(force=True)
+        meter._try_flush(force=True)
         ticker.start()
         yield meter
     finally:
