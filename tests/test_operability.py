@@ -6,6 +6,9 @@ One real ``ferry worker`` named ``ferry@<host>`` (as compose names it), Flower a
 Procfile's own lines, real registries and Redis. The source is reached through a pass-through proxy that holds
 the big layer after its first 2 MiB (:mod:`tests.harness.gate`), so the transfer is reliably mid-blob while the
 test looks at it; nothing depends on timing.
+
+The Flower screenshot (``flower-tasks.png``) and the tmux screen (``job-watch.txt``) are written to the test's
+temporary directory, and copied to ``$FERRY_TEST_ARTIFACTS`` when that is set, for a person to look at.
 """
 
 from __future__ import annotations

@@ -116,11 +116,12 @@ def test_missing_image_exits_2_like_current_skopeo(
         run = ferry(*args)
         assert run.returncode == 2, run
         assert "manifest unknown" in run.stderr.lower()
-    f, s = both("copy", "--src-tls-verify=false", missing, f"dir:{tmp_path}/{{tool}}")
+    _f, s = both("copy", "--src-tls-verify=false", missing, f"dir:{tmp_path}/{{tool}}")
     assert s.returncode == 1 and "manifest unknown" in s.stderr  # the 1.9 reference, for the record
     # an OCI layout without the named image: also "not found" (oci/layout ImageNotFoundError)
     assert ferry("copy", f"oci:{tmp_path}/nolayout:x", f"dir:{tmp_path}/o").returncode == 1  # no layout at all
-    assert ferry("copy", "--src-tls-verify=false", f"docker://{images['single']}", f"oci:{tmp_path}/lay:a").returncode == 0
+    single = f"docker://{images['single']}"
+    assert ferry("copy", "--src-tls-verify=false", single, f"oci:{tmp_path}/lay:a").returncode == 0
     run = ferry("copy", f"oci:{tmp_path}/lay:b", f"dir:{tmp_path}/o2")
     assert run.returncode == 2, run.stderr
     # other errors stay 1
