@@ -4,8 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-echo "== ruff" && .venv/bin/ruff check . && .venv/bin/ruff format --check .
-echo "== mypy" && .venv/bin/mypy
+# One command per line: under `set -e` a failure inside an `a && b` list does not stop the script.
+echo "== ruff"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+echo "== mypy"
+.venv/bin/mypy
 echo "== pytest"
 # --dist loadfile: a test file (and its module fixtures: worker processes, a Redis DB) stays in one process
 exec .venv/bin/pytest -n "${FERRY_TEST_WORKERS:-2}" --dist loadfile -q -p no:cacheprovider "$@"
