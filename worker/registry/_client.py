@@ -360,13 +360,7 @@ class RegistryClient:
         what = f"checking {self.registry} over plain HTTP"
 
         def probe_http() -> int:
-            resp = self._send_raw("GET", http + "/v2/")
-            try:
-                resp.read()
-            except httpx.HTTPError as exc:
-                raise translate_transport_error(exc, self.host) from exc
-            finally:
-                resp.close()
+            resp = self._send_raw("GET", http + "/v2/")  # not streamed: read whole (a drop mid-body raises here)
             error = registry_error(resp, what)
             if is_temporary(error):
                 raise error
