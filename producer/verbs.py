@@ -17,6 +17,7 @@ from worker.registry import (
     NotFound,
     Reference,
     RegistryClient,
+    check_config,
     get_login,
     remove_all_logins,
     remove_login,
@@ -50,7 +51,7 @@ def inspect(args: argparse.Namespace) -> int:
                     sys.stdout.buffer.write(raw_config)
                     sys.stdout.flush()
                 else:
-                    _write(go_json(oci_config_view(json.loads(raw_config))) + "\n")
+                    _write(go_json(oci_config_view(check_config(raw_config))) + "\n")
                 return 0
             if args.raw:
                 raw, _mt = src.get_manifest(None)
@@ -114,7 +115,7 @@ def manifest_digest_of(raw: bytes) -> Digest:
     """
     try:
         obj = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return Digest.of(raw)
     if isinstance(obj, dict) and obj.get("schemaVersion") == 1 and obj.get("signatures"):
         import base64
@@ -125,7 +126,7 @@ def manifest_digest_of(raw: bytes) -> Digest:
             header = json.loads(base64.urlsafe_b64decode(protected + "=" * (-len(protected) % 4)))
             length = int(header["formatLength"])
             tail = base64.urlsafe_b64decode(header["formatTail"] + "=" * (-len(header["formatTail"]) % 4))
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
             raise InvalidInput("malformed signed schema 1 manifest: cannot read its signature header") from None
         if not 0 < length <= len(raw):
             raise InvalidInput("malformed signed schema 1 manifest: formatLength out of range")

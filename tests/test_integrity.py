@@ -10,15 +10,13 @@ transport goes through it; these tests hold each transport to it.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.harness.cli import assert_one_error, run_ferry
 from tests.harness.faulty import Fault, FaultyServer, serve
 from tests.harness.images import Image, Index, build_image, build_multiarch, push_image, push_index
 from tests.harness.servers import RegistryServer
@@ -26,26 +24,7 @@ from worker.engine.transports import ImageName, SideConfig, open_source
 from worker.engine.transports.dir import DIR_VERSION
 from worker.registry import Descriptor, Digest, IntegrityError
 
-FERRY = str(Path(sys.executable).with_name("ferry"))
 AMD64, ARM64 = "linux/amd64", "linux/arm64"
-
-
-def run_ferry(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "FERRY_CACHE_DIR": str(tmp_path / "cache"),
-        "REGISTRY_AUTH_FILE": str(tmp_path / "no-auth.json"),
-    }
-    return subprocess.run([FERRY, *args], capture_output=True, text=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
-
-
-def assert_refused(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
-    assert proc.returncode == 1, f"expected exit 1, got {proc.returncode}:\n{proc.stderr}"
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("Error")]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), proc.stderr
-    assert "internal error" not in proc.stderr and "Traceback" not in proc.stderr
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
 
 
 @pytest.fixture
@@ -133,7 +112,7 @@ def test_dir_child_manifest_swapped_is_refused_for_one_platform(
         f"docker://{registry.host}/{unique_repo}:t",
         tmp_path=tmp_path,
     )
-    assert_refused(proc, "digest mismatch", str(amd.digest), f"dir:{src}")
+    assert_one_error(proc, "digest mismatch", str(amd.digest), f"dir:{src}")
     resp = httpx.get(f"{registry.url}/v2/{unique_repo}/manifests/t", headers={"Accept": amd.media_type})
     assert resp.status_code == 404, "no tag may point at the wrong image"
 
@@ -145,7 +124,7 @@ def test_dir_child_manifest_swapped_is_refused_for_all(index: Index, tmp_path: P
     (src / f"{amd.digest.hex}.manifest.json").write_bytes(arm.manifest)
 
     proc = run_ferry("copy", "-q", "--all", f"dir:{src}", f"oci:{out}:x", tmp_path=tmp_path)
-    assert_refused(proc, "digest mismatch", str(amd.digest))
+    assert_one_error(proc, "digest mismatch", str(amd.digest))
     assert nothing_written(out)
 
 
@@ -234,7 +213,7 @@ def test_tampered_source_is_refused(
     name, digest = make_source(transport, fault, index, tmp_path, faulty, registry, unique_repo)
     out = tmp_path / "out"
     proc = run_ferry("copy", "-q", "--src-tls-verify=false", "--all", name, f"oci:{out}:x", tmp_path=tmp_path)
-    assert_refused(proc, "mismatch", digest)
+    assert_one_error(proc, "mismatch", digest)
     assert nothing_written(out)
 
     # the source itself refuses, before any destination sees a byte
@@ -263,5 +242,5 @@ def test_manifest_by_digest_reference_is_verified(
     out = tmp_path / "out"
     name = f"docker://{faulty.host}/{unique_repo}@{good.digest}"
     proc = run_ferry("copy", "-q", "--src-tls-verify=false", name, f"oci:{out}:x", tmp_path=tmp_path)
-    assert_refused(proc, "digest mismatch", str(good.digest))
+    assert_one_error(proc, "digest mismatch", str(good.digest))
     assert nothing_written(out)

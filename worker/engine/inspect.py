@@ -7,7 +7,7 @@ import platform as _platform
 from datetime import datetime
 from typing import Any
 
-from worker.registry import Descriptor, Digest, ManifestError, MediaType, Platform
+from worker.registry import Descriptor, Digest, ManifestError, MediaType, Platform, check_config
 
 from .manifest import parse_manifest, pick_platform
 from .transports import ImageSource
@@ -95,10 +95,7 @@ def inspect_image(
         history = s1.get("history") or []
         v1: dict[str, Any] = {}
         if history:
-            try:
-                v1 = json.loads(history[0].get("v1Compatibility", "{}"))
-            except ValueError:
-                v1 = {}
+            v1 = check_config(str(history[0].get("v1Compatibility") or "{}").encode(), "schema 1 v1Compatibility")
         cfg = v1.get("config") or {}
         out["Created"] = go_time(v1.get("created"))
         out["DockerVersion"] = v1.get("docker_version", "")
@@ -114,7 +111,7 @@ def inspect_image(
         return out
     if m.config is None:
         raise ManifestError(f"{src.description}: manifest of type {media_type} has no config")
-    config = json.loads(read_config(src, m.config))
+    config = check_config(read_config(src, m.config), f"image config {m.config.digest}")
     cfg = config.get("config") or {}
     out["Created"] = go_time(config.get("created"))
     out["DockerVersion"] = config.get("docker_version", "")

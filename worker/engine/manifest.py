@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.registry import Descriptor, InvalidInput, ManifestError, MediaType, Platform
+from worker.registry import Descriptor, Digest, InvalidInput, ManifestError, MediaType, Platform, load_object
 
 _DOCKER_TO_OCI = {
     MediaType.DOCKER_MANIFEST: MediaType.OCI_MANIFEST,
@@ -53,35 +53,39 @@ class ParsedManifest:
 
 
 def parse_manifest(raw: bytes, media_type: str) -> ParsedManifest:
-    try:
-        obj = json.loads(raw)
-    except ValueError as exc:
-        raise ManifestError(f"malformed manifest: {exc}") from None
-    if not isinstance(obj, dict):
-        raise ManifestError("malformed manifest: not a JSON object")
-    media_type = media_type or str(obj.get("mediaType") or "")
-    try:
-        if media_type in SCHEMA1_TYPES or obj.get("schemaVersion") == 1:
-            return ParsedManifest(media_type or MediaType.DOCKER_MANIFEST_V1_SIGNED.value, obj, schema1=obj)
-        if media_type in INDEX_TYPES or ("manifests" in obj and "layers" not in obj):
-            return ParsedManifest(
-                media_type or MediaType.OCI_INDEX.value,
-                obj,
-                manifests=[Descriptor.from_json(d) for d in obj.get("manifests") or []],
-                subject=Descriptor.from_json(obj["subject"]) if isinstance(obj.get("subject"), dict) else None,
-            )
-        config = obj.get("config")
+    """Parse and check a manifest or index: every field Ferry reads has its type, or ``MalformedDocument``."""
+    f = load_object(raw, "manifest")
+    f.whole("schemaVersion")
+    declared = f.text("mediaType")
+    media_type = media_type or declared
+    f.text_map("annotations")
+    f.text("artifactType")
+    subject_f = f.child("subject")
+    subject = Descriptor.from_json(subject_f) if subject_f is not None else None
+    if media_type in SCHEMA1_TYPES or f.obj.get("schemaVersion") == 1:
+        for layer in f.objects("fsLayers"):
+            layer.parse("blobSum", Digest.parse, required=True)
+        for entry in f.objects("history"):
+            entry.text("v1Compatibility")
+        f.text("architecture")
+        return ParsedManifest(media_type or MediaType.DOCKER_MANIFEST_V1_SIGNED.value, f.obj, schema1=f.obj)
+    if media_type in INDEX_TYPES or (f.has("manifests") and not f.has("layers")):
         return ParsedManifest(
-            media_type or MediaType.OCI_MANIFEST.value,
-            obj,
-            config=Descriptor.from_json(config) if isinstance(config, dict) else None,
-            layers=[Descriptor.from_json(d) for d in obj.get("layers") or []],
-            subject=Descriptor.from_json(obj["subject"]) if isinstance(obj.get("subject"), dict) else None,
+            media_type or MediaType.OCI_INDEX.value,
+            f.obj,
+            manifests=[Descriptor.from_json(d) for d in f.objects("manifests")],
+            subject=subject,
         )
-    except KeyError as exc:
-        raise ManifestError(f"malformed manifest of type {media_type}: a descriptor has no {exc} field") from None
-    except (TypeError, ValueError) as exc:
-        raise ManifestError(f"malformed manifest of type {media_type}: {exc}") from None
+    media_type = media_type or MediaType.OCI_MANIFEST.value
+    # an image manifest must name its config; other (artifact) types may not have one
+    config = f.child("config", required=media_type in IMAGE_TYPES)
+    return ParsedManifest(
+        media_type,
+        f.obj,
+        config=Descriptor.from_json(config) if config is not None else None,
+        layers=[Descriptor.from_json(d) for d in f.objects("layers")],
+        subject=subject,
+    )
 
 
 def _variant_rank(arch: str, variant: str) -> str:
@@ -132,6 +136,8 @@ def convert_manifest(raw: bytes, media_type: str, target: str, child_map: dict[s
     obj = dict(m.obj)
     if m.schema1 is not None:
         raise ManifestError("cannot convert a Docker schema 1 manifest")
+    if not m.is_index and m.config is None:
+        raise ManifestError(f"cannot convert a manifest of type {media_type} without a config")
     new_type = table.get(media_type, media_type)
     if target == "v2s2":
         for d in m.layers:
@@ -150,15 +156,15 @@ def convert_manifest(raw: bytes, media_type: str, target: str, child_map: dict[s
                 nd = child_map[e["digest"]]
                 e["digest"], e["size"], e["mediaType"] = str(nd.digest), nd.size, nd.media_type
             else:
-                e["mediaType"] = str(table.get(e.get("mediaType", ""), e.get("mediaType", "")))
+                e["mediaType"] = str(table.get(e.get("mediaType") or "", e.get("mediaType") or ""))
             entries.append(e)
         obj["manifests"] = entries
     else:
         cfg = dict(obj["config"])
-        cfg["mediaType"] = str(table.get(cfg.get("mediaType", ""), cfg.get("mediaType", "")))
+        cfg["mediaType"] = str(table.get(cfg.get("mediaType") or "", cfg.get("mediaType") or ""))
         obj["config"] = cfg
         obj["layers"] = [
-            {**layer, "mediaType": str(table.get(layer.get("mediaType", ""), layer.get("mediaType", "")))}
+            {**layer, "mediaType": str(table.get(layer.get("mediaType") or "", layer.get("mediaType") or ""))}
             for layer in obj.get("layers") or []
         ]
     order = ["schemaVersion", "mediaType", "config", "layers", "manifests", "annotations"]

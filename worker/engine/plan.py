@@ -205,8 +205,11 @@ class Plan:
 
 
 def _fetch(src: ImageSource, ref: str | Digest | None) -> SourceManifest:
+    """Read a manifest and check its shape now, so a malformed one fails its own image while resolving."""
     raw, media_type = src.get_manifest(ref)
-    return SourceManifest(raw, media_type)
+    manifest = SourceManifest(raw, media_type)
+    manifest.parsed()
+    return manifest
 
 
 def resolve_image(

@@ -47,10 +47,12 @@ from worker.registry import (
     FerryError,
     HeldOff,
     InvalidInput,
+    MalformedDocument,
     NotFound,
     Reference,
     RegistryClient,
     Unsupported,
+    check_config,
 )
 from worker.registry import Manifest as RegistryManifest
 from worker.registry._fs import atomic_write
@@ -331,8 +333,8 @@ class _Cache:
         config_digest = parsed.config.digest
         raw = _calm(lambda: self.client.read_blob(self.repo, config_digest))
         try:
-            created = json.loads(raw).get("created")
-        except (ValueError, AttributeError):
+            created = check_config(raw).get("created")
+        except MalformedDocument:
             return None, ""
         return (_parse_time(str(created)), "config") if created else (None, "")
 

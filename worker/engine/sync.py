@@ -38,6 +38,7 @@ from worker.registry import (
     NotFound,
     Platform,
     Reference,
+    load_object,
 )
 
 from .executor import PlanFeed, describe_error
@@ -484,12 +485,12 @@ def _discover_dir(req: SyncRequest, out: Discovery) -> None:
 def _discover_oci(req: SyncRequest, out: Discovery) -> None:
     index_path = Path(req.source) / "index.json"
     try:
-        index = json.loads(index_path.read_text())
-    except (OSError, ValueError) as exc:
+        index = load_object(index_path.read_bytes(), f"index.json of OCI layout {req.source}")
+    except OSError as exc:
         raise InvalidInput(f"cannot read OCI layout {req.source}: {exc}") from None
     found = 0
-    for m in index.get("manifests") or []:
-        name = (m.get("annotations") or {}).get("org.opencontainers.image.ref.name")
+    for m in index.objects("manifests"):
+        name = m.text_map("annotations").get("org.opencontainers.image.ref.name")
         if name:
             out.found(out.next_order(), SyncItem(ImageName("oci", f"{req.source}:{name}"), destination_for(name, req)))
             found += 1
@@ -860,9 +861,9 @@ def plan_deletions(
         for t in dest_tags:
             if t in stale or media_types.get(t) not in _INDEX_TYPES:
                 continue
-            index = client.get_manifest(ref.repository, Digest.parse(digests[t])).json()
-            for m in index.get("manifests") or []:
-                listed_by.setdefault(str(m.get("digest")), t)
+            index = client.get_manifest(ref.repository, Digest.parse(digests[t])).fields()
+            for m in index.objects("manifests"):
+                listed_by.setdefault(m.text("digest"), t)
         digests.update(coming.get(name, {}))  # what those tags will point at once the copy is done
         for t in stale:
             digest = digests.get(t, "")

@@ -9,7 +9,6 @@ registry names in its challenge; they are never logged or put in an error.
 from __future__ import annotations
 
 import base64
-import json
 import re
 import threading
 import time
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 import httpx
 
 from ._credentials import Credentials
+from ._documents import parse_token_answer
 from ._errors import Forbidden, Unauthorized
 
 _PARAM = re.compile(r'([a-zA-Z_]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))')
@@ -190,16 +190,11 @@ class Authenticator:
                 f"authentication to {self.host} failed: token service answered {resp.status_code}",
                 status=resp.status_code,
             )
-        try:
-            body = json.loads(resp.content)
-        except ValueError:
-            raise Unauthorized(f"authentication to {self.host} failed: token service sent no JSON") from None
-        value = str(body.get("token") or body.get("access_token") or "")
-        if not value:
-            raise Unauthorized(f"authentication to {self.host} failed: token service sent no token")
-        if body.get("refresh_token"):
-            self._refresh_token = str(body["refresh_token"])
-        expires_in = float(body.get("expires_in") or _DEFAULT_EXPIRES)
+        answer = parse_token_answer(resp.content, f"token answer from the token service of {self.host}")
+        value = answer.token
+        if answer.refresh_token:
+            self._refresh_token = answer.refresh_token
+        expires_in = answer.expires_in or _DEFAULT_EXPIRES
         expires_at = time.monotonic() + max(expires_in - _EXPIRY_MARGIN, 1.0)
         with self._lock:
             self._tokens[store_as] = _Token(value, expires_at)

@@ -31,6 +31,7 @@ import tenacity
 
 from ._auth import Authenticator, repository_scope
 from ._credentials import Credentials
+from ._documents import Fields, load_object, parse_name_page
 from ._errors import (
     ConnectionFailed,
     DigestMismatch,
@@ -166,13 +167,12 @@ class Manifest:
         return Descriptor(self.media_type, self.digest, len(self.raw))
 
     def json(self) -> dict[str, Any]:
-        try:
-            obj = json.loads(self.raw)
-        except ValueError as exc:
-            raise ManifestError(f"malformed manifest {self.digest}: {exc}") from None
-        if not isinstance(obj, dict):
-            raise ManifestError(f"malformed manifest {self.digest}: not a JSON object")
-        return obj
+        """The manifest's top-level JSON object (``MalformedDocument`` when it is none)."""
+        return self.fields().obj
+
+    def fields(self) -> Fields:
+        """The manifest's top-level object, for checked field access (``MalformedDocument`` otherwise)."""
+        return load_object(self.raw, f"manifest {self.digest}")
 
 
 #: with --tls-verify=false, the scheme each host answered on (per process: every client to the host shares it)
@@ -596,11 +596,7 @@ class RegistryClient:
                 raise RegistryError(f"{what}: the registry links back to a page it already sent ({url})")
             seen.add(absolute)
             resp = self._request("GET", url, scopes=scopes, what=what)
-            try:
-                body = json.loads(resp.content)
-            except ValueError:
-                raise RegistryError(f"{what}: the registry sent malformed JSON") from None
-            page = list(body.get(key) or [])
+            page = parse_name_page(resp.content, key, f"answer to {what}")
             listed += len(page)
             if listed > MAX_LISTED:
                 raise RegistryError(f"{what}: more than {MAX_LISTED} entries; giving up")
@@ -866,8 +862,8 @@ class RegistryClient:
         ctype = resp.headers.get("content-type", "")
         if "application/vnd.oci.image.index.v1+json" not in ctype:
             return None
-        body = json.loads(resp.content)
-        return [Descriptor.from_json(d) for d in body.get("manifests") or []]
+        body = load_object(resp.content, f"referrers list of {digest} in {self.registry}/{repo}")
+        return [Descriptor.from_json(d) for d in body.objects("manifests")]
 
 
 def _segment(

@@ -23,6 +23,7 @@
      |    +-- DigestMismatch
      |    +-- SizeMismatch
      +-- ManifestError             manifest too large, malformed or of an unknown type
+     |    +-- MalformedDocument    a manifest, config, tag list, catalog or token answer of the wrong shape
      +-- CopyFailed                an image could not be copied (wraps the cause)
  +-- PolicyRejected            the trust policy refused the image (names the image, requirement, reason)
      +-- Cancelled                 the user interrupted
@@ -144,6 +145,11 @@ class SizeMismatch(IntegrityError):
 
 class ManifestError(FerryError):
     pass
+
+
+class MalformedDocument(ManifestError):
+    """A document from outside (manifest, index, config, tag list, catalog page, token answer) has the
+    wrong shape: not JSON, nested too deeply, a field missing or of the wrong type (``_documents.py``)."""
 
 
 class CopyFailed(FerryError):

@@ -6,9 +6,8 @@ what the same bytes are.
 
 from __future__ import annotations
 
-import json
-
-from ._errors import ManifestError
+from ._documents import load_json, load_object
+from ._errors import MalformedDocument, ManifestError
 from ._types import MediaType
 
 #: Content-Types that say nothing about which manifest this is
@@ -24,8 +23,8 @@ def guess_media_type(raw: bytes, header_type: str = "") -> str:
     ``layers`` (an OCI manifest).
     """
     try:
-        obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        obj = load_json(raw, "manifest")
+    except MalformedDocument:
         return ""
     if not isinstance(obj, dict):
         return ""
@@ -59,12 +58,7 @@ def sniff_media_type(raw: bytes, what: str, header_type: str = "") -> str:
     media_type = guess_media_type(raw, header_type)
     if media_type:
         return media_type
-    try:
-        obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise ManifestError(f"{what}: malformed manifest (not JSON)") from None
-    if not isinstance(obj, dict):
-        raise ManifestError(f"{what}: malformed manifest (not a JSON object)")
+    load_object(raw, f"manifest ({what})")  # says why when the bytes are no JSON object
     raise ManifestError(f"{what}: cannot tell the manifest's media type")
 
 

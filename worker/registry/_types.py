@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from ._documents import Fields
 from ._errors import InvalidDigest
 
 
@@ -123,13 +124,9 @@ class Platform:
         return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else "")
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> Platform:
-        return cls(
-            str(obj.get("os", "")),
-            str(obj.get("architecture", "")),
-            str(obj.get("variant", "") or ""),
-            str(obj.get("os.version", "") or ""),
-        )
+    def from_json(cls, obj: object, what: str = "platform") -> Platform:
+        f = obj if isinstance(obj, Fields) else Fields(obj, what)
+        return cls(f.text("os"), f.text("architecture"), f.text("variant"), f.text("os.version"))
 
     def matches(self, other: Platform) -> bool:
         """True when ``other`` (a wanted platform) selects this one; an empty variant matches any."""
@@ -152,17 +149,20 @@ class Descriptor:
     urls: tuple[str, ...] = field(default=())
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> Descriptor:
-        plat = obj.get("platform")
-        ann = obj.get("annotations") or {}
+    def from_json(cls, obj: object, what: str = "descriptor") -> Descriptor:
+        """A descriptor from JSON, every field checked (``MalformedDocument`` names the one that is wrong)."""
+        f = obj if isinstance(obj, Fields) else Fields(obj, what)
+        plat = f.child("platform")
+        digest = f.parse("digest", Digest.parse, required=True)
+        assert digest is not None
         return cls(
-            media_type=str(obj.get("mediaType", "")),
-            digest=Digest.parse(str(obj["digest"])),
-            size=int(obj["size"]),
-            platform=Platform.from_json(plat) if isinstance(plat, dict) else None,
-            annotations=tuple(sorted((str(k), str(v)) for k, v in ann.items())),
-            artifact_type=str(obj.get("artifactType", "") or ""),
-            urls=tuple(obj.get("urls") or ()),
+            media_type=f.text("mediaType"),
+            digest=digest,
+            size=f.whole("size", required=True),
+            platform=Platform.from_json(plat) if plat is not None else None,
+            annotations=tuple(sorted(f.text_map("annotations").items())),
+            artifact_type=f.text("artifactType"),
+            urls=tuple(f.texts("urls")),
         )
 
     @classmethod

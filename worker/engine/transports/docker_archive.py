@@ -48,11 +48,13 @@ from worker.registry import (
     IntegrityError,
     InvalidInput,
     InvalidReference,
+    MalformedDocument,
     ManifestError,
     MediaType,
     NotFound,
     Reference,
     Unsupported,
+    load_json,
     verify_stream,
 )
 from worker.registry._fs import atomic_file
@@ -267,9 +269,9 @@ class DockerArchiveSource(ImageSource):
             self._index_members()
             raw = self._read_member(_MANIFEST, _MAX_MANIFEST)
             try:
-                items = json.loads(raw)
-            except ValueError as exc:
-                raise ManifestError(f"{self.description}: decoding tar manifest.json: {exc}") from None
+                items = load_json(raw, "manifest.json")
+            except MalformedDocument as exc:
+                raise ManifestError(f"{self.description}: {exc}") from None
             if not isinstance(items, list) or not all(isinstance(x, dict) for x in items):
                 raise ManifestError(f"{self.description}: manifest.json is not a list of objects")
             self.items: list[dict[str, Any]] = items
@@ -395,9 +397,9 @@ class DockerArchiveSource(ImageSource):
             raise ManifestError(f"{self.description}: malformed manifest.json item")
         config = self._read_member(config_name, _MAX_CONFIG)
         try:
-            parsed = json.loads(config)
-        except ValueError as exc:
-            raise ManifestError(f"{self.description}: decoding tar config {config_name}: {exc}") from None
+            parsed = load_json(config, f"config {config_name}")
+        except MalformedDocument as exc:
+            raise ManifestError(f"{self.description}: {exc}") from None
         rootfs = parsed.get("rootfs") if isinstance(parsed, dict) else None
         if not isinstance(rootfs, dict):
             raise ManifestError(f"{self.description}: invalid image config (rootfs is not set): {config_name}")
@@ -612,9 +614,9 @@ class DockerArchiveDestination(ImageDestination):
         with open(self._staged(config[0]), "rb") as f:
             config_bytes = f.read()
         try:
-            cfg = json.loads(config_bytes)
-        except ValueError as exc:
-            raise ManifestError(f"{self.description}: image config is not JSON: {exc}") from None
+            cfg = load_json(config_bytes, "image config")
+        except MalformedDocument as exc:
+            raise ManifestError(f"{self.description}: {exc}") from None
         want = (cfg.get("rootfs") or {}).get("diff_ids") if isinstance(cfg, dict) else None
         if isinstance(want, list) and [str(x) for x in want] != [str(x) for x in diffs]:
             raise ManifestError(

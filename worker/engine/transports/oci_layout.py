@@ -39,9 +39,11 @@ from worker.registry import (
     Digest,
     InvalidInput,
     InvalidReference,
+    MalformedDocument,
     ManifestError,
     MediaType,
     NotFound,
+    load_json,
     verify_bytes,
     verify_stream,
 )
@@ -121,9 +123,9 @@ def _ref_name(entry: dict[str, Any]) -> str:
 
 def _parse_index(raw: bytes, where: str) -> dict[str, Any]:
     try:
-        index = json.loads(raw)
-    except ValueError as exc:
-        raise InvalidInput(f"{where}: index.json is not valid JSON: {exc}") from None
+        index = load_json(raw, "index.json")
+    except MalformedDocument as exc:
+        raise InvalidInput(f"{where}: {exc}") from None
     if not isinstance(index, dict):
         raise InvalidInput(f"{where}: index.json is not a JSON object")
     manifests = index.get("manifests")
