@@ -16,7 +16,8 @@ What it does, in one invocation:
    then ``ferry sync --image-parallel-copies 6`` (the old default; the default is 32 streams) to another fresh
    destination: peak RSS and speed against the number of streams;
 4. a fleet of 1000 small tags (10 repositories of 100) on plain loopback, no proxy: full sync and no-op re-sync,
-   skopeo and ferry, each to a fresh destination (ferry's peak RSS for a 1000-image plan);
+   skopeo and ferry, each to a fresh destination (ferry's peak RSS for a 1000-image plan); then ferry's full sync
+   again with stdout on a pseudo-terminal (``script``), so its live display is drawn: the display's cost;
 5. checks every copy (each destination tag's digest equals the source's), prints a Markdown table and writes
    every measurement to ``bench-out/wan.json`` and, when matplotlib is installed (the ``bench`` extra), a PNG
    plot to ``docs/wan-bench.png``.
@@ -35,6 +36,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -179,6 +181,7 @@ class LinkProxy:
         self.connections = 0
         self.port = 0
         self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -192,6 +195,10 @@ class LinkProxy:
 
     async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         self.connections += 1
+        me = asyncio.current_task()
+        if me is not None:
+            self._tasks.add(me)  # the loop holds tasks weakly: an idle connection's task must not be collected
+            me.add_done_callback(self._tasks.discard)
         try:
             server_r, server_w = await asyncio.open_connection("127.0.0.1", self.upstream)
         except OSError:
@@ -456,6 +463,8 @@ class Bench:
         fleet: Fleet,
         flags: list[str],
         phases: tuple[str, ...] = ("full", "noop"),
+        *,
+        tty: bool = False,
     ) -> None:
         dst = start_registry(self.work / f"dst-{name}-{tool}-{len(self.runs)}")
         dst_proxy = self.links.open(dst.port, self.args) if src_proxy is not None else None
@@ -473,6 +482,9 @@ class Bench:
                     p.counts.clear()
                 log = self.work / f"{name}-{tool}-{phase}.log"
                 argv = sync_argv(tool, yaml_path, f"{dst_host}/mirror", flags)
+                if tty:
+                    # a pseudo-terminal for the tool's stdout (its live display), the log still gets it all
+                    argv = ["script", "-qefc", shlex.join(argv), "/dev/null"]
                 if tool == "ferry" and self.args.py_spy is not None:
                     self.args.py_spy.mkdir(parents=True, exist_ok=True)
                     svg = self.args.py_spy / f"{name}-{phase}-{len(self.runs)}.svg"
@@ -486,7 +498,7 @@ class Bench:
                     scenario=name,
                     tool=tool,
                     phase=phase,
-                    flags=" ".join(flags),
+                    flags=" ".join(flags) + (" (on a terminal)" if tty else ""),
                     wall_s=round(m.wall_s, 3),
                     maxrss_mib=round(m.maxrss_kib / 1024, 1),
                     cpu_s=round(m.user_s + m.sys_s, 2),
@@ -597,6 +609,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--streams6", action=argparse.BooleanOptionalAction, default=True, help="also ferry at 6 streams (old default)"
     )
+    p.add_argument(
+        "--tty", action=argparse.BooleanOptionalAction, default=True, help="also the small full sync on a terminal"
+    )
     p.add_argument("--py-spy", type=Path, default=None, metavar="DIR", help="record ferry runs with py-spy into DIR")
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -636,6 +651,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"small fleet: {small.images} images, {len(small.blobs)} distinct blobs; seeded in {secs:.0f} s")
             for tool in tools:
                 bench.scenario("small", tool, small_src, None, small, [])
+            if args.tty and "ferry" in tools:
+                # the same full sync with the live display on a terminal: it must cost next to nothing
+                bench.scenario("small", "ferry", small_src, None, small, [], ("full",), tty=True)
     finally:
         bench.links.shutdown()
         stop_all()

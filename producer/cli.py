@@ -13,11 +13,24 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from worker.registry import FerryError, InvalidInput, NotFound
+# httpx imports its own command line (rich, click, pygments) when those are installed, as they are here
+# (Celery needs click): a tenth of a second of CPU at every start of ferry, for a CLI ferry never calls.
+# A None entry makes that import fail, and httpx then goes without it (its __init__ expects an ImportError).
+sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 
-from . import deadline, verbs
-from .completion import _verbs
-from .options import BOOL_FLAGS, add_bool, add_retry_flags, add_side_flags, normalize_argv, parse_bool, value_flags
+from worker.registry import FerryError, InvalidInput, NotFound  # noqa: E402
+
+from . import deadline, verbs  # noqa: E402
+from .completion import _verbs  # noqa: E402
+from .options import (  # noqa: E402
+    BOOL_FLAGS,
+    add_bool,
+    add_retry_flags,
+    add_side_flags,
+    normalize_argv,
+    parse_bool,
+    value_flags,
+)
 
 VERSION = "0.1.0"
 
