@@ -533,3 +533,14 @@ def fetch_digest(reg: RegistryServer, repo: str, digest: Digest) -> str:
     """The digest of the signature manifest of ``digest`` (the registry deletes manifests by digest)."""
     raw, _ = fetch_manifest(reg.url, repo, attachment_tag(digest))
     return str(Digest.of(raw))
+
+
+def test_global_policy_flag_is_apart_from_prune_policy() -> None:
+    from producer.cli import build_parser
+    from producer.options import normalize_argv
+
+    parser = build_parser()
+    args = parser.parse_args(normalize_argv(["--policy", "trust.json", "prune", "--policy", "retention.yml"]))
+    assert args.trust_policy == "trust.json" and args.policy == "retention.yml"
+    args = parser.parse_args(normalize_argv(["--insecure-policy", "copy", "dir:a", "dir:b"]))
+    assert args.insecure_policy is True and args.trust_policy is None
