@@ -44,6 +44,7 @@ import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,6 +62,7 @@ from bench.copy_bench import (
     process_cpu_s,
     run_measured,
 )
+from bench.link import Links
 from tests.harness.images import Image, StreamLayer, blob_exists, build_image, fetch_manifest, make_stream_layer
 from tests.harness.images import push_image as harness_push_image
 from tests.harness.servers import RedisServer, RegistryServer, start_redis, start_registry, stop_all
@@ -137,6 +139,49 @@ def machine_cpu_ticks() -> tuple[int, int]:
 # the image set (commands are measured with bench.copy_bench.run_measured)
 
 
+class RssSampler:
+    """Peak resident memory of every process in the given process groups (worker parents and pool children),
+    read from /proc every 0.2 s while the context is open."""
+
+    def __init__(self, pgids: set[int]) -> None:
+        self.pgids = pgids
+        self.peak: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        if self.pgids:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        while True:
+            self.sample()
+            if self._stop.wait(0.2):
+                return
+
+    def sample(self) -> None:
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            fields = _proc_stat_fields(entry)
+            if fields is None or int(fields[2]) not in self.pgids:
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                for line in Path(f"/proc/{entry}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        kib = int(line.split()[1])
+                        self.peak[int(entry)] = max(self.peak.get(int(entry), 0), kib)
+
+    def peaks(self) -> list[float]:
+        return sorted((round(k / 1024, 1) for k in self.peak.values()), reverse=True)
+
+
 @dataclass
 class ImageSet:
     shared: StreamLayer
@@ -167,7 +212,9 @@ class ImageSet:
         return len({d for img in self.images for d, _s, _b in img.blobs()})
 
 
-def seed_set(src: RegistryServer, work: Path, n_images: int, shared_size: int, unique: list[int]) -> ImageSet:
+def seed_set(
+    src: RegistryServer, work: Path, n_images: int, shared_size: int, unique: list[int], yaml_host: str = ""
+) -> ImageSet:
     started = time.perf_counter()
     shared = make_stream_layer("ferry-dist-bench/shared", shared_size)
     images: list[Image] = []
@@ -189,7 +236,12 @@ def seed_set(src: RegistryServer, work: Path, n_images: int, shared_size: int, u
     sync_file = work / "sync.yaml"
     sync_file.write_text(
         yaml.safe_dump(
-            {src.host: {"tls-verify": False, "images": {f"{SRC_PREFIX}/app-{n:02d}": [TAG] for n in range(n_images)}}},
+            {
+                yaml_host or src.host: {
+                    "tls-verify": False,
+                    "images": {f"{SRC_PREFIX}/app-{n:02d}": [TAG] for n in range(n_images)},
+                }
+            },
             sort_keys=False,
         )
     )
@@ -294,6 +346,8 @@ class Run:
     task_retries: int
     #: commands Redis processed during the run (broker, result backend and Ferry's shared state together)
     redis_commands: int
+    #: workers: the peak resident memory of each worker process (MiB), sampled every 0.2 s during the run
+    worker_rss_mib: list[float]
     load1_before: float
     traffic: Traffic
     ferry_summary: dict[str, Any] = field(default_factory=dict)
@@ -302,6 +356,11 @@ class Run:
     @property
     def ok(self) -> bool:
         return self.exit_code == 0 and not self.problems and self.traffic.shared_uploads == 1
+
+    @property
+    def commands_per_blob(self) -> float:
+        blobs = int(self.ferry_summary.get("blobs_total", 0) or 0)
+        return self.redis_commands / blobs if blobs else 0.0
 
 
 @dataclass
@@ -329,12 +388,14 @@ class Case:
             "median_workers_cpu_s": round(self.med("workers_cpu_s"), 2),
             "median_dest_registry_cpu_s": round(self.med("dest_registry_cpu_s"), 2),
             "median_machine_busy_pct": round(self.med("machine_busy_pct"), 1),
+            "median_redis_commands_per_blob": round(self.med("commands_per_blob"), 1),
+            "max_worker_rss_mib": max((max(r.worker_rss_mib, default=0.0) for r in self.runs), default=0.0),
             "all_ok": all(r.ok for r in self.runs),
             "measurements": [asdict(r) for r in self.runs],
         }
 
 
-def sync_argv(cfg: Config, images: ImageSet, dst: RegistryServer, summary: Path, queue: str | None) -> list[str]:
+def sync_argv(cfg: Config, images: ImageSet, dst_host: str, summary: Path, queue: str | None) -> list[str]:
     argv = [
         FERRY_BIN, "sync", "--src", "yaml", "--dest", "docker",
         "--src-tls-verify=false", "--dest-tls-verify=false", "--preserve-digests",
@@ -345,12 +406,21 @@ def sync_argv(cfg: Config, images: ImageSet, dst: RegistryServer, summary: Path,
     else:
         assert queue is not None
         argv += ["--queue", queue, "--wait"]
-    return [*argv, str(images.yaml_path), f"{dst.host}/{DEST_PREFIX}"]
+    return [*argv, str(images.yaml_path), f"{dst_host}/{DEST_PREFIX}"]
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, work: Path, images: ImageSet, src: RegistryServer, rds: RedisServer):
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        work: Path,
+        images: ImageSet,
+        src: RegistryServer,
+        rds: RedisServer,
+        links: Links | None = None,
+    ):
         self.args = args
+        self.links = links
         self.work = work
         self.images = images
         self.src = src
@@ -377,7 +447,13 @@ class Bench:
             for i in range(cfg.workers):
                 procs.append(
                     start_worker(
-                        self.queue_url(), f"w{i + 1}@%h", log_dir, concurrency=cfg.concurrency, env=env, wait=False
+                        self.queue_url(),
+                        f"w{i + 1}@%h",
+                        log_dir,
+                        concurrency=cfg.concurrency,
+                        env=env,
+                        wait=False,
+                        pool=self.args.pool,
                     )
                 )
             for w in procs:
@@ -412,12 +488,15 @@ class Bench:
         self.n += 1
         dst_dir = self.work / f"dest-{self.n}"
         dst = start_registry(dst_dir)
+        proxy = self.links.open(dst.port) if self.links is not None else None
         summary_path = self.work / f"summary-{self.n}.json"
         env = {**self.env, "FERRY_CACHE_DIR": str(self.work / f"ferry-cache-{self.n}")}
         try:
             if workers:
                 self.forget_locations()
-            argv = sync_argv(cfg, self.images, dst, summary_path, self.queue_url() if workers else None)
+            dst_host = proxy.host if proxy is not None else dst.host
+            argv = sync_argv(cfg, self.images, dst_host, summary_path, self.queue_url() if workers else None)
+            rss = RssSampler({w.pid for w in workers})
             pgids = {w.pid for w in workers}
             log_marks = [len(w.log()) for w in workers]
             redis_before = self.redis_commands()
@@ -427,7 +506,8 @@ class Bench:
                 group_cpu_s(pgids), process_cpu_s(dst), process_cpu_s(self.src), pid_cpu_s(redis_pid),
                 machine_cpu_ticks(),
             )  # fmt: skip
-            m = run_measured(argv, env, self.log, self.args.timeout)
+            with rss:
+                m = run_measured(argv, env, self.log, self.args.timeout)
             after = (
                 group_cpu_s(pgids), process_cpu_s(dst), process_cpu_s(self.src), pid_cpu_s(redis_pid),
                 machine_cpu_ticks(),
@@ -469,12 +549,15 @@ class Bench:
                 machine_busy_pct=100.0 * busy / total if total else 0.0,
                 task_retries=retries,
                 redis_commands=redis_commands,
+                worker_rss_mib=rss.peaks(),
                 load1_before=load1,
                 traffic=traffic,
                 ferry_summary={k: summary[k] for k in keep if k in summary},
                 problems=problems,
             )
         finally:
+            if proxy is not None and self.links is not None:
+                self.links.close(proxy)
             dst.stop()
             if not self.args.keep:
                 shutil.rmtree(dst_dir, ignore_errors=True)
@@ -491,8 +574,9 @@ def render_table(cases: list[Case], images: ImageSet) -> str:
     lines = [
         "| executor | transfer slots | runs | median wall (s) | wall min-max (s) | MiB/s median (best) "
         "| vs embedded default | job execution (s) | blob uploads / mounts (shared-layer uploads) "
-        "| task retries | CPU s: producer / workers / dest registry | CPUs busy | load avg (1 min) before |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| task retries | Redis commands per blob | worker RSS max (MiB) "
+        "| CPU s: producer / workers / dest registry | CPUs busy | load avg (1 min) before |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in cases:
         if not c.runs:
@@ -507,14 +591,86 @@ def render_table(cases: list[Case], images: ImageSet) -> str:
         workers = c.config.kind == "workers"
         workers_cpu = f"{c.med('workers_cpu_s'):.1f}" if workers else "-"
         retries = f"{c.med('task_retries'):.0f}" if workers else "-"
+        per_blob = f"{c.med('commands_per_blob'):.1f}" if workers else "-"
+        rss = f"{max(max(r.worker_rss_mib, default=0.0) for r in c.runs):.0f}" if workers else "-"
         lines.append(
             f"| {c.config.label} | {c.config.slots} | {len(c.runs)} | {med:.2f} | {min(walls):.2f}-{max(walls):.2f} "
             f"| {data / MIB / med:.0f} ({data / MIB / min(walls):.0f}) | {speed} | {c.med('exec_s'):.2f} "
             f"| {'/'.join(map(str, ups))} / {'/'.join(map(str, mounts))} ({'/'.join(map(str, shared))}) | {retries} "
+            f"| {per_blob} | {rss} "
             f"| {c.med('producer_cpu_s'):.1f} / {workers_cpu} / {c.med('dest_registry_cpu_s'):.1f} "
             f"| {c.med('machine_busy_pct'):.0f}% | {min(loads):.2f}-{max(loads):.2f} |"
         )
     return "\n".join(lines)
+
+
+ENQUEUE_SCRIPT = """
+import sys, time
+from worker.celery_executor import CeleryExecutor
+from worker.engine.plan import BlobStep, ImagePlan, ManifestStep, Plan
+from worker.state import SharedState, connect
+
+n, url = int(sys.argv[1]), sys.argv[2]
+plan = Plan()
+for i in range(n):
+    src, dst = f"docker://src.example/app-{i}:v1", f"docker://dst.example/app-{i}:v1"
+    steps = []
+    for k in range(3):
+        digest = "sha256:" + f"{i:032x}{k:032x}"
+        layer = "application/vnd.oci.image.layer.v1.tar"
+        plan.steps[f"b{i}.{k}"] = BlobStep(f"b{i}.{k}", src, dst, digest, 1 << 20, layer)
+        steps.append(f"b{i}.{k}")
+    raw = ('{"schemaVersion":2,"n":%d}' % i).encode()
+    plan.steps[f"m{i}"] = ManifestStep(f"m{i}", dst, raw, "application/vnd.oci.image.manifest.v1+json", None,
+                                       deps=tuple(steps), top=True)
+    plan.images.append(ImagePlan(f"i{i + 1}", src, dst, "sha256:" + "0" * 64, "sha256:" + "1" * 64,
+                                 [*steps, f"m{i}"], size=3 << 20))
+state = SharedState(connect(url))
+started = time.perf_counter()
+result = CeleryExecutor(state).submit(plan, "copy", {})
+print(f"{time.perf_counter() - started:.3f} {len(result.enqueued)}")
+"""
+
+
+def measure_enqueue(n: int, rds: RedisServer, work: Path, timeout: float) -> dict[str, Any]:
+    """Enqueue a synthetic ``n``-image job on an empty queue no worker reads: time, the producer's peak RSS and
+    what Redis holds per image (job records and task messages)."""
+    url = rds.url_for(0)
+    rds.flushall()
+    r = redis.Redis.from_url(url)
+    try:
+        before = int(r.info("memory")["used_memory"])
+        out = work / "enqueue.out"
+        env = {**os.environ, "FERRY_QUEUE": url, "PYTHONPATH": str(ROOT)}
+        m = run_measured([sys.executable, "-c", ENQUEUE_SCRIPT, str(n), url], env, out, timeout)
+        if m.exit_code != 0:
+            raise RuntimeError(f"enqueueing failed: {out.read_text(errors='replace')[-2000:]}")
+        seconds, sent = out.read_text().strip().splitlines()[-1].split()
+        after = int(r.info("memory")["used_memory"])
+        queued = int(r.llen("ferry.blobs")) + int(r.llen("ferry.meta"))
+    finally:
+        r.close()
+        rds.flushall()
+    return {
+        "images": n,
+        "enqueued": int(sent),
+        "task_messages": queued,
+        "seconds": float(seconds),
+        "wall_s": round(m.wall_s, 2),
+        "producer_maxrss_mib": round(m.maxrss_kib / 1024, 1),
+        "redis_bytes_per_image": round((after - before) / n),
+    }
+
+
+def render_plot(cases: list[Case], images: ImageSet, width: int = 50) -> str:
+    """A text bar chart of median throughput per configuration (for docs/benchmarks.md)."""
+    data = images.distinct_bytes / MIB
+    rates = [(c.config.label, data / c.med("wall_s")) for c in cases if c.runs]
+    top = max((r for _l, r in rates), default=1.0) or 1.0
+    label_w = max((len(lbl) for lbl, _r in rates), default=10)
+    return "\n".join(
+        f"{lbl:<{label_w}} | {'#' * max(1, round(width * r / top)):<{width}} {r:6.1f} MiB/s" for lbl, r in rates
+    )
 
 
 def machine_info() -> dict[str, Any]:
@@ -554,6 +710,19 @@ def main(argv: list[str] | None = None) -> int:
         help="embedded --image-parallel-copies values (default: 6 (ferry's default),16)",
     )  # fmt: skip
     parser.add_argument("--runs", type=int, default=3, help="timed runs per configuration (default: 3)")
+    parser.add_argument("--pool", default="threads", help="ferry worker --pool (default: threads)")
+    parser.add_argument("--delay-ms", type=float, default=20.0, help="simulated link: one-way delay (default: 20)")
+    parser.add_argument(
+        "--conn-mbit", type=float, default=160.0, help="simulated link: Mbit/s per connection (default: 160)"
+    )
+    parser.add_argument(
+        "--total-mbit", type=float, default=10000.0, help="simulated link: Mbit/s in total (default: 10000)"
+    )
+    parser.add_argument("--no-link", action="store_true", help="no simulated link: loopback straight")
+    parser.add_argument(
+        "--enqueue-images", type=int, default=10000,
+        help="also time enqueueing a synthetic job of N images on a queue no worker reads (default: 10000; 0: skip)",
+    )  # fmt: skip
     parser.add_argument("--no-embedded", action="store_true", help="skip the embedded executor")
     parser.add_argument("--work-dir", default=None, help="where the temp storage goes (default: $TMPDIR or /tmp)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default: {DEFAULT_OUT})")
@@ -582,6 +751,8 @@ def main(argv: list[str] | None = None) -> int:
     print("# machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()), flush=True)
     load_start = os.getloadavg()
     cases = {c: Case(c) for c in configs}
+    links: Links | None = None
+    enqueue: dict[str, Any] = {}
     warmups: list[dict[str, Any]] = []
     ok = True
     interrupted = False
@@ -592,14 +763,29 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{work}: not enough free space (need about {human_size(need)})")
         src = start_registry(work / "source")
         rds = start_redis(work / "redis")
-        images = seed_set(src, work, args.images, args.shared, args.layers)
+        if not args.no_link:
+            links = Links(args.delay_ms, args.conn_mbit, args.total_mbit)
+            src_link = links.open(src.port)
+            print(
+                f"# simulated link: {args.delay_ms:g} ms each way, {args.conn_mbit:g} Mbit/s per connection, "
+                f"{args.total_mbit:g} Mbit/s in total, in front of the source and of every destination registry"
+            )
+        images = seed_set(src, work, args.images, args.shared, args.layers, src_link.host if links else "")
         print(
             f"seeded {args.images} images into {src.host}/{SRC_PREFIX}/app-NN:{TAG} in {images.seeding_s:.1f}s: "
             f"{images.distinct_blobs} distinct blobs, {human_size(images.distinct_bytes)} to transfer "
             f"({human_size(images.image_bytes)} counting the shared layer in every image)",
             flush=True,
         )
-        bench = Bench(args, work, images, src, rds)
+        bench = Bench(args, work, images, src, rds, links)
+        if args.enqueue_images:
+            enqueue = measure_enqueue(args.enqueue_images, rds, work, args.timeout)
+            print(
+                f"enqueue of a {args.enqueue_images}-image job (3 blobs and 1 manifest each, no worker): "
+                f"{enqueue['seconds']:.1f}s, producer max RSS {enqueue['producer_maxrss_mib']:.0f} MiB, "
+                f"Redis {enqueue['redis_bytes_per_image']:.0f} bytes per image",
+                flush=True,
+            )
         # untimed: warms the page cache (venv, source blobs) for everyone
         first = bench.one(Config("embedded", parallel=6), 0, [])
         warmups.append({"config": "embedded warm-up", "wall_s": round(first.wall_s, 3), "ok": first.ok})
@@ -622,7 +808,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{images.distinct_bytes / MIB / r.wall_s:5.0f} MiB/s  uploads {t.uploads} mounts {t.mounts} "
                     f"(refused {t.mounts_refused}) shared-layer uploads {t.shared_uploads}  cpu producer "
                     f"{r.producer_cpu_s:4.1f}s workers {r.workers_cpu_s:4.1f}s dest {r.dest_registry_cpu_s:4.1f}s  "
-                    f"busy {r.machine_busy_pct:3.0f}%  retries {r.task_retries}  redis cmds {r.redis_commands}  "
+                    f"busy {r.machine_busy_pct:3.0f}%  retries {r.task_retries}  redis cmds {r.redis_commands} "
+                    f"({r.commands_per_blob:.1f}/blob)  worker RSS {r.worker_rss_mib} MiB  "
                     f"load {r.load1_before:.2f}  "
                     f"{r.verified_images}/{len(images.images)} verified{'' if r.ok else '  FAILED'}",
                     flush=True,
@@ -638,6 +825,8 @@ def main(argv: list[str] | None = None) -> int:
         interrupted = True
     finally:
         stop_all_workers()
+        if links is not None:
+            links.shutdown()
         stop_all()
         if args.keep:
             print(f"# kept {work}")
@@ -651,8 +840,11 @@ def main(argv: list[str] | None = None) -> int:
     if images is None or not done:
         return 1
     table = render_table(done, images)
+    plot = render_plot(done, images)
     print()
     print(table)
+    print()
+    print(plot)
     print(f"\nload average (1, 5, 15 min) at start {load_start}, at end {load_end}")
     report = {
         "benchmark": "multi-image ferry sync: embedded executor vs Celery workers",
@@ -673,9 +865,19 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_start": [round(x, 2) for x in load_start],
         "loadavg_end": [round(x, 2) for x in load_end],
         "warmups": warmups,
+        "pool": args.pool,
+        "link": None
+        if args.no_link
+        else {
+            "delay_ms": args.delay_ms,
+            "conn_mbit": args.conn_mbit,
+            "total_mbit": args.total_mbit,
+        },
+        "enqueue": enqueue,
         "results": [c.summary(images.distinct_bytes) for c in done],
         "all_ok": ok,
         "markdown_table": table,
+        "plot": plot,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

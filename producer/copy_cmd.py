@@ -159,7 +159,7 @@ def _shared_caps(url: str) -> dict[str, int]:
         from worker.state import SharedState
 
         r = redis.Redis.from_url(url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0)
-        limits = SharedState(r).all_limits()
+        limits = SharedState(r).hosts.all_limits()
     except Exception:  # shared limits are a courtesy to the fleet's registries; a local run goes on without
         return {}
     return {host: lim.concurrency for host, lim in limits.items() if lim.concurrency}
@@ -186,7 +186,7 @@ def write_outputs(args: argparse.Namespace, report: Report, plan: Plan) -> None:
             json.dump(report.to_json(), f, indent=2)
             f.write("\n")
     if getattr(args, "digestfile", None):
-        digests = [i.digest for i in report.images if i.status in ("done", "up-to-date")]
+        digests = [i.digest for i in report.images if i.status.ok]
         if digests:
             with open(args.digestfile, "w") as f:
                 f.write(digests[0])
@@ -262,7 +262,7 @@ def copy(args: argparse.Namespace) -> int:
     write_outputs(args, report, plan)
     if not args.quiet:
         print(summary_line(report), file=sys.stderr)
-    if report.cancelled:
+    if report.cancelled or report.cancelled_images:
         return interrupted(report)
     if not report.ok:
         for img in report.failed:

@@ -1,16 +1,22 @@
-"""The producer: enqueue a plan on Celery workers through Redis, and the ``job`` and ``worker`` verbs."""
+"""``--queue``: hand a plan to Celery workers through Redis and follow the job; the ``job``, ``worker`` and
+``limit`` verbs. The executor itself (creating the job, sending tasks) is ``worker.celery_executor``."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from worker.engine.plan import BlobStep, ImagePlan, Plan
+from worker.engine.plan import Plan
+from worker.engine.status import ImageStatus, JobState
 from worker.redis_url import masked, unreachable
 from worker.registry import InvalidInput
 
@@ -19,8 +25,13 @@ from .progress import human_bytes
 
 if TYPE_CHECKING:
     from worker.engine.trust import SigningConfig
+    from worker.state import SharedState
 
 EXIT_INTERRUPTED = 130
+#: ``job wait --timeout`` ran out while the job goes on
+EXIT_TIMEOUT = 124
+#: ``job wait`` reports a job when no blob or image has changed state for this long
+STALL_AFTER = float(os.environ.get("FERRY_STALL_AFTER", "600"))
 
 
 def _use_queue(url: str) -> None:
@@ -29,7 +40,7 @@ def _use_queue(url: str) -> None:
     os.environ["FERRY_QUEUE"] = url
 
 
-def _state(url: str) -> Any:
+def _state(url: str) -> SharedState:
     from worker.state import SharedState, connect
 
     _use_queue(url)
@@ -59,74 +70,44 @@ def job_options(args: argparse.Namespace, source_sides: dict[str, Any] | None = 
     }
 
 
-def enqueue_images(plan: Plan, job_id: str, images: list[ImagePlan], *, sign: bool = False) -> int:
-    """Per image: a chord of blob tasks whose callback (the finalizer) pushes the manifests and tags."""
-    from celery import chord
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """SIGINT and SIGTERM set the event instead of raising, so enqueueing stops between two images."""
+    stop = threading.Event()
 
-    from worker.task_labels import image_label
-    from worker.tasks import copy_blob, finalize_image
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
 
-    _no_result_subscriptions()
-    sent = 0
-    for img in images:
-        if not img.has_work(sign=sign):
-            continue
-        header = []
-        for sid in img.steps:
-            step = plan.steps[sid]
-            if isinstance(step, BlobStep):
-                header.append(
-                    copy_blob.si(
-                        job_id,
-                        img.id,
-                        step.id,
-                        step.source,
-                        step.destination,
-                        step.digest,
-                        step.size,
-                        step.media_type,
-                        step.mount_from,
-                    )
-                )
-        # Flower shows the finalizer with its image's name (its arguments hold only ids, and digests to sign)
-        sign_digests = img.manifests if sign and not img.attachment else None
-        body = finalize_image.si(job_id, img.id, sign_digests).set(
-            argsrepr=image_label(job_id, img.destination, img.id)
-        )
-        if header:
-            chord(header)(body)
-        else:
-            body.apply_async()
-        sent += 1
-    _drop_result_tracking()
-    return sent
-
-
-def _no_result_subscriptions() -> None:
-    """The producer never waits on task results, so it must not subscribe to them.
-
-    Celery's Redis backend subscribes to every task's result channel when the task
-    is sent; those subscriptions would be torn down at interpreter exit, noisily.
-    """
-    from worker.celery_app import app
-
-    app.backend.on_task_call = lambda producer, task_id: None
-
-
-def _drop_result_tracking() -> None:
-    """Forget the result objects Celery tracks for sent tasks (see ``_no_result_subscriptions``)."""
-    from worker.celery_app import app
-
-    backend = app.backend
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        for mapping in backend._pending_results:
-            mapping.clear()
-        consumer = backend.result_consumer
-        consumer.subscribed_to.clear()
-        consumer._pending_unsubscribe.clear()
-        consumer.stop()
-    except AttributeError:  # another backend: nothing tracked
-        pass
+        yield stop
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def _report_interrupted(job_id: str, sent: int, left: int) -> int:
+    print(
+        f"Interrupted while enqueueing job {job_id}: {sent} image(s) enqueued, {left} left out (cancelled);"
+        f" `ferry job retry {job_id}` enqueues them",
+        file=sys.stderr,
+    )
+    return EXIT_INTERRUPTED
+
+
+def warn_if_no_workers(state: SharedState, already: frozenset[str] = frozenset()) -> set[str]:
+    """Warn about each Ferry queue no worker has consumed lately (but not again about ``already``); returns them."""
+    from worker.celery_app import BLOB_QUEUE, META_QUEUE
+    from worker.state.workers import BEAT_TIMEOUT
+
+    idle = {q for q in (BLOB_QUEUE, META_QUEUE) if not state.workers.live(q)}
+    for q in sorted(idle - already):
+        print(
+            f"Warning: no worker consumes {q} (none seen in the last {BEAT_TIMEOUT:.0f}s); the job waits until one"
+            f" does: start `ferry worker --queue URL`",
+            file=sys.stderr,
+        )
+    return idle
 
 
 def submit_plan(
@@ -140,6 +121,8 @@ def submit_plan(
     signing: SigningConfig | None = None,
 ) -> int:
     """Enqueue the plan as a job; with ``--wait`` follow it, then hand its summary to ``on_done``."""
+    from worker.celery_executor import CeleryExecutor
+
     for img in plan.images:
         for name in (img.source, img.destination):
             if not name.startswith("docker://"):
@@ -147,7 +130,8 @@ def submit_plan(
                     f"{name}: with --queue both sides must be docker:// registries (workers run on other machines)"
                 )
     side_creds = [getattr(args, f"{p}creds", None) or getattr(args, f"{p}username", None) for p in ("src_", "dest_")]
-    if any(side_creds) and not getattr(args, "quiet", False):
+    quiet = getattr(args, "quiet", False)
+    if any(side_creds) and not quiet:
         print(
             "Note: --creds/--username are used for planning only; they are never sent to workers,"
             " which use their own auth files or credential helpers.",
@@ -156,23 +140,28 @@ def submit_plan(
     state = _state(queue)
     if (getattr(args, "digestfile", None) or getattr(args, "summary_json", None)) and not args.wait:
         raise InvalidInput("--digestfile and --summary-json need --wait when the job runs on a queue")
+    executor = CeleryExecutor(state)
     options = job_options(args, source_sides)
     if signing is not None:
         # paths only: each worker reads the key and the passphrase from its own files
         options["sign"] = signing.to_json()
-    job_id = state.create_job(plan, kind, options)
-    enqueue_images(plan, job_id, plan.images, sign=signing is not None)
-    state.set_job(job_id, state="running")
-    state.refresh_job_state(job_id)
-    if not getattr(args, "quiet", False) or not args.wait:
-        print(job_id)
+    with stop_on_signals() as stop:
+        job_id = state.jobs.create(plan, kind, options)
+        # the id first, so that a producer cut while enqueueing has said which job to retry
+        if not quiet or not args.wait:
+            print(job_id, flush=True)
+        result = executor.enqueue(job_id, plan, plan.images, stop)
+    if result.interrupted:
+        return _report_interrupted(job_id, len(result.enqueued), len(result.left_out))
+    if not quiet:
+        warn_if_no_workers(state)
     if args.wait:
-        code = follow(state, job_id, quiet=getattr(args, "quiet", False))
+        code = follow(state, job_id, quiet=quiet, timeout=getattr(args, "wait_timeout", None))
         summary = job_summary(state, job_id)
         _write_job_outputs(args, summary)
-        if on_done is not None:
+        if on_done is not None and summary["ended"]:
             on_done(summary)
-        if code == 1:
+        if code not in (0, EXIT_INTERRUPTED) or summary["state"] == JobState.CANCELLED:
             print_job_errors(summary)
         return code
     return 0
@@ -181,18 +170,18 @@ def submit_plan(
 def print_job_errors(summary: dict[str, Any]) -> None:
     """One ``Error:`` line per failed image on stderr, -q or not (as the embedded path prints them)."""
     for img in summary["failed"]:
-        print(f"Error: {img['source']} -> {img['destination']}: {img['error'] or 'cancelled'}", file=sys.stderr)
-    if not summary["failed"] and summary["state"] != "done":
+        print(f"Error: {img['source']} -> {img['destination']}: {img['error']}", file=sys.stderr)
+    if not summary["failed"] and summary["state"] != JobState.DONE:
         print(f"Error: job {summary['id']} {summary['state']}", file=sys.stderr)
 
 
 def _write_job_outputs(args: argparse.Namespace, summary: dict[str, Any]) -> None:
     if getattr(args, "summary_json", None):
         with open(args.summary_json, "w") as f:
-            json.dump({k: v for k, v in summary.items()}, f, indent=2)
+            json.dump(summary, f, indent=2)
             f.write("\n")
     if getattr(args, "digestfile", None):
-        done = [i for i in summary["images"] if i["status"] in ("done", "up-to-date")]
+        done = [i for i in summary["images"] if ImageStatus(i["status"]).ok]
         with open(args.digestfile, "w") as f:
             if summary.get("kind") == "copy" and done:
                 f.write(done[0].get("digest", ""))
@@ -201,52 +190,46 @@ def _write_job_outputs(args: argparse.Namespace, summary: dict[str, Any]) -> Non
                     f.write(f"{i.get('digest', '')} {i['destination']}\n")
 
 
-def _totals(state: Any, job_id: str, blobs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    images = state.images(job_id)
-    done = [b for b in blobs.values() if b.get("status") == "done"]
-    return {
-        "blobs_total": len(blobs),
-        "blobs_done": len(done),
-        "blobs_transferred": sum(1 for b in done if b.get("action") == "transferred"),
-        "blobs_mounted": sum(1 for b in done if b.get("action") == "mounted"),
-        "blobs_skipped": sum(1 for b in done if b.get("action") == "skipped"),
-        "bytes_total": sum(int(b.get("size", 0)) for b in blobs.values()),
-        "bytes_transferred": sum(int(b.get("bytes", 0)) for b in done),
-        "images_total": len(images),
-        "images_done": sum(1 for i in images.values() if i["status"] in ("done", "up-to-date")),
-        "images_failed": sum(1 for i in images.values() if i["status"] in ("failed", "cancelled")),
-    }
+def job_summary(state: SharedState, job_id: str) -> dict[str, Any]:
+    from worker.celery_executor import job_summary as summary_of
+
+    return summary_of(state, job_id)
 
 
-def job_summary(state: Any, job_id: str) -> dict[str, Any]:
-    if not state.job_exists(job_id):
+def exit_code(state: JobState) -> int:
+    """0 done, 1 failed, 130 cancelled (as an interrupted ``ferry copy``/``sync``)."""
+    return {JobState.DONE: 0, JobState.CANCELLED: EXIT_INTERRUPTED}.get(state, 1)
+
+
+def stall_report(summary: dict[str, Any], now: float | None = None, stall_after: float = STALL_AFTER) -> str | None:
+    """A line saying the job has stopped progressing, or None while it moves (or has ended)."""
+    if summary["ended"]:
+        return None
+    idle = (now or time.time()) - summary["touched"]
+    if idle < stall_after:
+        return None
+    if summary["state"] == JobState.QUEUED and not any(i["enqueued"] for i in summary["images"]):
+        hint = f"its producer may have died while enqueueing: `ferry job retry {summary['id']}`"
+    else:
+        hint = (
+            f"{summary['blobs_running']} blob(s) running, {summary['blobs_retrying']} retrying,"
+            f" {summary['blobs_total'] - summary['blobs_done']} not done; see `ferry job status {summary['id']}`"
+        )
+    return f"job {summary['id']} has made no progress for {idle:.0f}s: {hint}"
+
+
+def follow(
+    state: SharedState,
+    job_id: str,
+    *,
+    quiet: bool = False,
+    poll: float = 0.5,
+    timeout: float | None = None,
+    stall_after: float = STALL_AFTER,
+) -> int:
+    """Follow a job until it ends (or ``timeout`` seconds pass); the exit code says how it ended."""
+    if not state.jobs.exists(job_id):
         raise InvalidInput(f"no job {job_id!r} in this queue")
-    job = state.job(job_id)
-    images = state.images(job_id)
-    out: dict[str, Any] = {
-        "id": job_id,
-        "kind": job.get("kind", ""),
-        "state": job.get("state", ""),
-        "created": float(job.get("created", 0) or 0),
-        "finished": float(job.get("finished", 0) or 0),
-    }
-    from worker import telemetry
-
-    blobs = state.blobs(job_id)
-    out.update(_totals(state, job_id, blobs))
-    # live progress: bytes in flight, rate, ETA, and the transfers running now with their workers
-    out.update(telemetry.job_progress(state.r, job_id, blobs))
-    out["images"] = [{"id": k, **v} for k, v in sorted(images.items(), key=lambda kv: int(kv[0][1:] or 0))]
-    out["failed"] = [
-        {"source": v["source"], "destination": v["destination"], "error": v.get("error", "")}
-        for v in images.values()
-        if v["status"] in ("failed", "cancelled")
-    ]
-    return out
-
-
-def follow(state: Any, job_id: str, *, quiet: bool = False, poll: float = 0.5) -> int:
-    """Follow a job until it ends; exit code 0 when every image is done."""
     use_bars = not quiet and sys.stderr.isatty()
     progress: Any = None
     task: Any = None
@@ -258,6 +241,10 @@ def follow(state: Any, job_id: str, *, quiet: bool = False, poll: float = 0.5) -
         )
         progress.start()
     seen: set[str] = set()
+    started = time.monotonic()
+    next_check = started
+    warned_idle: set[str] = set()
+    warned_stall = 0.0
     try:
         while True:
             summary = job_summary(state, job_id)
@@ -270,12 +257,29 @@ def follow(state: Any, job_id: str, *, quiet: bool = False, poll: float = 0.5) -
                     description=f"job {job_id}: {summary['images_done']}/{summary['images_total']} images",
                 )
             for img in summary["images"]:
-                if img["status"] in ("done", "up-to-date", "failed", "cancelled") and img["id"] not in seen:
+                if ImageStatus(img["status"]).ended and img["id"] not in seen:
                     seen.add(img["id"])
                     if not quiet:
                         _print_image(img)
-            if summary["state"] in ("done", "failed", "cancelled"):
+            if summary["ended"]:
                 break
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + 5.0
+                warned_idle |= warn_if_no_workers(state, frozenset(warned_idle))
+                stall = stall_report(summary, stall_after=stall_after)
+                if stall is None:
+                    warned_stall = 0.0
+                elif time.time() - summary["touched"] >= warned_stall + stall_after:
+                    warned_stall = time.time() - summary["touched"]
+                    print(f"Warning: {stall}", file=sys.stderr)
+            if timeout is not None and now - started >= timeout:
+                print(
+                    f"Error: job {job_id} did not end within {timeout:g}s ({summary['state']}:"
+                    f" {summary['images_done']}/{summary['images_total']} images done); it goes on",
+                    file=sys.stderr,
+                )
+                return EXIT_TIMEOUT
             time.sleep(poll)
     except KeyboardInterrupt:
         print(f"Stopped following; job {job_id} goes on (ferry job cancel {job_id} stops it)", file=sys.stderr)
@@ -285,25 +289,28 @@ def follow(state: Any, job_id: str, *, quiet: bool = False, poll: float = 0.5) -
             progress.stop()
     if not quiet:
         print(_summary_line(summary), file=sys.stderr)
-    return 0 if summary["state"] == "done" else 1
+    return exit_code(JobState(summary["state"]))
 
 
 def _print_image(img: dict[str, Any]) -> None:
-    status = img["status"]
-    if status == "done":
+    status = ImageStatus(img["status"])
+    if status == ImageStatus.DONE:
         line = f"Copied {img['source']} -> {img['destination']} ({img.get('digest', '')})"
-    elif status == "up-to-date":
+    elif status == ImageStatus.UP_TO_DATE:
         line = f"Skipped {img['source']} -> {img['destination']}: already up to date"
+    elif status == ImageStatus.CANCELLED:
+        line = f"Cancelled {img['source']} -> {img['destination']}: {img.get('error', '')}"
     else:
         line = f"Failed {img['source']} -> {img['destination']}: {img.get('error', '')}"
     print(line, flush=True)
 
 
 def _summary_line(s: dict[str, Any]) -> str:
+    cancelled = f", {s['images_cancelled']} cancelled" if s["images_cancelled"] else ""
     return (
-        f"job {s['id']} {s['state']}: {s['images_done']}/{s['images_total']} images done, {s['images_failed']} failed;"
-        f" blobs: {s['blobs_transferred']} transferred, {s['blobs_mounted']} mounted, {s['blobs_skipped']} already"
-        f" present; {human_bytes(s['bytes_transferred'])}"
+        f"job {s['id']} {s['state']}: {s['images_done']}/{s['images_total']} images done, {s['images_failed']} failed"
+        f"{cancelled}; blobs: {s['blobs_transferred']} transferred, {s['blobs_mounted']} mounted,"
+        f" {s['blobs_skipped']} already present; {human_bytes(s['bytes_transferred'])}"
     )
 
 
@@ -317,8 +324,14 @@ def _queue_arg(args: argparse.Namespace) -> str:
     return str(url)
 
 
+def _existing_job(state: SharedState, job_id: str) -> None:
+    if not state.jobs.exists(job_id):
+        raise InvalidInput(f"no job {job_id!r} in this queue")
+
+
 def job_status(args: argparse.Namespace) -> int:
     state = _state(_queue_arg(args))
+    _existing_job(state, args.job)
     if args.watch:
         from .monitor import watch
 
@@ -328,6 +341,9 @@ def job_status(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     print(_summary_line(summary))
+    stall = stall_report(summary)
+    if stall:
+        print(f"  stalled: {stall}")
     for img in summary["images"]:
         extra = f": {img['error']}" if img.get("error") else ""
         print(f"  {img['status']:<10} {img['source']} -> {img['destination']}{extra}")
@@ -336,7 +352,7 @@ def job_status(args: argparse.Namespace) -> int:
 
 def job_list(args: argparse.Namespace) -> int:
     state = _state(_queue_arg(args))
-    rows = [job_summary(state, j) for j in state.list_jobs(args.limit)]
+    rows = [job_summary(state, j) for j in state.jobs.recent(args.limit)]
     if args.json:
         print(json.dumps([{k: v for k, v in r.items() if k not in ("images",)} for r in rows], indent=2))
         return 0
@@ -344,47 +360,45 @@ def job_list(args: argparse.Namespace) -> int:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"]))
         print(
             f"{r['id']}  {r['kind']:<5} {r['state']:<9} {created}  {r['images_done']}/{r['images_total']} images"
-            f"  {r['images_failed']} failed  {human_bytes(r['bytes_transferred'])}"
+            f"  {r['images_failed']} failed  {r['images_cancelled']} cancelled  {human_bytes(r['bytes_transferred'])}"
         )
     return 0
 
 
 def job_cancel(args: argparse.Namespace) -> int:
     state = _state(_queue_arg(args))
-    if not state.job_exists(args.job):
-        raise InvalidInput(f"no job {args.job!r} in this queue")
-    current = state.job(args.job).get("state", "")
-    if current in ("done", "failed", "cancelled"):
+    _existing_job(state, args.job)
+    current = state.jobs.job(args.job).state
+    if current.ended:
         raise InvalidInput(f"job {args.job} has already ended ({current})")
-    state.cancel(args.job)
+    state.jobs.cancel(args.job)
     print(f"cancelled {args.job}")
     return 0
 
 
 def job_retry(args: argparse.Namespace) -> int:
-    """Re-enqueue only what failed; blobs already done are not moved again."""
+    """Re-enqueue what has not ended well (failed, cancelled, never or half enqueued); done blobs are kept."""
+    from worker.celery_executor import CeleryExecutor
+
     state = _state(_queue_arg(args))
-    if not state.job_exists(args.job):
-        raise InvalidInput(f"no job {args.job!r} in this queue")
-    plan = state.plan(args.job)
-    images = state.images(args.job)
-    retry = [img for img in plan.images if images.get(img.id, {}).get("status") in ("failed", "cancelled", "pending")]
-    if not retry:
+    _existing_job(state, args.job)
+    with stop_on_signals() as stop:
+        result = CeleryExecutor(state).retry(args.job, stop)
+    if result.interrupted:
+        return _report_interrupted(args.job, len(result.enqueued), len(result.left_out))
+    if not result.enqueued:
         print(f"job {args.job}: nothing to retry")
         return 0
-    state.clear_cancel(args.job)
-    for img in retry:
-        state.update_image(args.job, img.id, status="pending", error="")
-    for sid, rec in state.blobs(args.job).items():
-        if rec.get("status") != "done":
-            state.update_blob(args.job, sid, status="pending", attempts=0, error="")
-    state.set_job(args.job, state="running", finished=0)
-    signed = "sign" in json.loads(state.job(args.job).get("options") or "{}")
-    enqueue_images(plan, args.job, retry, sign=signed)
-    print(f"job {args.job}: re-enqueued {len(retry)} image(s)")
+    print(f"job {args.job}: re-enqueued {len(result.enqueued)} image(s)")
+    warn_if_no_workers(state)
     if args.wait:
         return follow(state, args.job, quiet=False)
     return 0
+
+
+def job_wait(args: argparse.Namespace) -> int:
+    state = _state(_queue_arg(args))
+    return follow(state, args.job, timeout=args.timeout)
 
 
 def worker(args: argparse.Namespace) -> int:
@@ -399,14 +413,21 @@ def worker(args: argparse.Namespace) -> int:
         f"--concurrency={args.concurrency}",
         f"--queues={args.queues or f'{BLOB_QUEUE},{META_QUEUE}'}",
         f"--loglevel={args.loglevel}",
+        f"--pool={args.pool}",
         "--events",
     ]
     if args.hostname:
         argv.append(f"--hostname={args.hostname}")
-    if args.pool:
-        argv.append(f"--pool={args.pool}")
-    app.worker_main(argv)
-    return 0
+    # not app.worker_main(), which drops the worker's exit status: a worker that stops on an unrecoverable error
+    # must exit non-zero, so that a service manager (Restart=on-failure) starts it again
+    from celery.bin.celery import celery as celery_cli
+
+    celery_cli.params[0].default = app
+    try:
+        code = celery_cli.main(args=argv, standalone_mode=False)
+    finally:
+        celery_cli.params[0].default = None
+    return code if isinstance(code, int) else 0
 
 
 def limit(args: argparse.Namespace) -> int:
@@ -414,21 +435,22 @@ def limit(args: argparse.Namespace) -> int:
     from worker.state import Limits
 
     state = _state(_queue_arg(args))
+    hosts = state.hosts
     if args.registry:
         # limits apply to the host workers contact: docker.io means registry-1.docker.io
         host = Reference.parse(f"{args.registry}/x").api_host
         if args.clear:
-            state.r.hdel("ferry:limits", host)
+            hosts.clear_limits(host)
         else:
-            current = state.limits(host)
-            state.set_limits(
+            current = hosts.limits(host)
+            hosts.set_limits(
                 host,
                 Limits(
                     current.concurrency if args.concurrency is None else args.concurrency,
                     current.rps if args.rps is None else args.rps,
                 ),
             )
-    limits = state.all_limits()
+    limits = hosts.all_limits()
     if not limits:
         print("no limits set")
     for host, lim in sorted(limits.items()):
@@ -446,7 +468,12 @@ def add_parsers(sub: Any, verb: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--queues", "-Q", help="queues to consume (default: ferry.blobs,ferry.meta)")
     p.add_argument("--loglevel", "-l", default="INFO")
     p.add_argument("--hostname", "-n", help="worker name (default: celery@HOST)")
-    p.add_argument("--pool", choices=("prefork", "threads", "solo"), help="Celery pool (default prefork)")
+    p.add_argument(
+        "--pool",
+        choices=("threads", "prefork", "solo"),
+        default="threads",
+        help="Celery pool (default threads: one process, tasks on threads, suited to network-bound transfers)",
+    )
     p.add_argument("--visibility-timeout", type=int, help="seconds before a dead worker's task is redone")
 
     job = verb("job", lambda a: (a.job_parser.print_help(), 2)[1], "Inspect and control queued jobs")
@@ -472,12 +499,17 @@ def add_parsers(sub: Any, verb: Callable[..., argparse.ArgumentParser]) -> None:
     jp.add_argument("--limit", type=int, default=50)
     jp = jverb("cancel", job_cancel, "Cancel a job: running transfers stop, no tag is written for unfinished images")
     jp.add_argument("job", metavar="JOB-ID")
-    jp = jverb("retry", job_retry, "Re-enqueue the failed images of a job (completed blobs are not moved again)")
+    jp = jverb(
+        "retry", job_retry, "Re-enqueue the images of a job that did not end well (completed blobs are not moved again)"
+    )
     jp.add_argument("job", metavar="JOB-ID")
     # Go-style booleans like every other flag: the CLI rewrites a bare ``--wait`` to ``--wait=true``
     add_bool(jp, "--wait", help="follow the job until it ends")
-    jp = jverb("wait", lambda a: follow(_state(_queue_arg(a)), a.job), "Follow a job until it ends")
+    jp = jverb("wait", job_wait, "Follow a job until it ends")
     jp.add_argument("job", metavar="JOB-ID")
+    jp.add_argument(
+        "--timeout", type=float, default=None, metavar="SECONDS", help="give up following after SECONDS (exit 124)"
+    )
 
     from .monitor import DEFAULT_EXPORTER_PORT, exporter
 

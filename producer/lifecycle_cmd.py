@@ -91,7 +91,7 @@ def prune_cmd(args: argparse.Namespace) -> int:
 
         from .distributed import _state
 
-        side.gate = RedisGate(_state(queue))
+        side.gate = RedisGate(_state(queue).hosts)
     rule_flags = args.keep_latest or args.older_than or args.include_tags or args.keep_tags
     if args.policy:
         if args.repository or rule_flags:

@@ -10,6 +10,8 @@ import time
 from collections import deque
 from typing import Any
 
+from worker.engine.status import ImageStatus, JobState
+
 from .progress import human_bytes
 
 #: ``ferry exporter``'s port unless --port says otherwise
@@ -43,13 +45,13 @@ class RateWindow:
 
 
 def image_counts(summary: dict[str, Any]) -> dict[str, int]:
-    statuses = [i["status"] for i in summary["images"]]
+    statuses = [ImageStatus(i["status"]) for i in summary["images"]]
     return {
-        "done": sum(1 for s in statuses if s in ("done", "up-to-date")),
-        "failed": sum(1 for s in statuses if s == "failed"),
-        "cancelled": sum(1 for s in statuses if s == "cancelled"),
-        "running": sum(1 for s in statuses if s == "running"),
-        "pending": sum(1 for s in statuses if s == "pending"),
+        "done": sum(1 for s in statuses if s.ok),
+        "failed": sum(1 for s in statuses if s == ImageStatus.FAILED),
+        "cancelled": sum(1 for s in statuses if s == ImageStatus.CANCELLED),
+        "running": sum(1 for s in statuses if s == ImageStatus.RUNNING),
+        "pending": sum(1 for s in statuses if s in (ImageStatus.PENDING, ImageStatus.QUEUED)),
     }
 
 
@@ -105,14 +107,14 @@ def render(summary: dict[str, Any], rate: float | None) -> Any:
     else:
         parts.append(Text("no transfer running", style="dim"))
     for img in summary["images"]:
-        if img["status"] in ("failed", "cancelled"):
+        if ImageStatus(img["status"]) in (ImageStatus.FAILED, ImageStatus.CANCELLED):
             parts.append(Text(f"{img['status']} {img['destination']}: {img.get('error', '')}", style="red"))
     return Group(*parts)
 
 
 def watch(state: Any, job_id: str, *, as_json: bool, poll: float = 1.0) -> int:
     """Follow a job until it ends: a live view on a terminal, JSON lines with ``--json``, else a line per poll."""
-    from .distributed import job_summary
+    from .distributed import exit_code, job_summary
 
     rates = RateWindow()
     live: Any = None
@@ -131,7 +133,7 @@ def watch(state: Any, job_id: str, *, as_json: bool, poll: float = 1.0) -> int:
                 live.update(render(summary, rate))
             else:
                 print(f"{headline(summary)}; {bytes_line(summary, rate)}", flush=True)
-            if summary["state"] in ("done", "failed", "cancelled"):
+            if JobState(summary["state"]).ended:
                 break
             time.sleep(poll)
     except KeyboardInterrupt:
@@ -139,7 +141,7 @@ def watch(state: Any, job_id: str, *, as_json: bool, poll: float = 1.0) -> int:
     finally:
         if live is not None:
             live.stop()
-    return 0 if summary["state"] == "done" else 1
+    return exit_code(JobState(summary["state"]))
 
 
 def exporter(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from typing import Any, TextIO
 
 from worker.engine.executor import ImageOutcome, Report
 from worker.engine.plan import BlobStep, ImagePlan, Plan, Step
+from worker.engine.status import ImageStatus
 from worker.engine.steps import BlobResult
 
 
@@ -49,10 +50,12 @@ class LineProgress:
         if self.quiet:
             return
         with self._lock:
-            if outcome.status == "done":
+            if outcome.status == ImageStatus.DONE:
                 line = f"Copied {outcome.source} -> {outcome.destination} ({outcome.digest})"
-            elif outcome.status == "up-to-date":
+            elif outcome.status == ImageStatus.UP_TO_DATE:
                 line = f"Skipped {outcome.source} -> {outcome.destination}: already up to date ({outcome.digest})"
+            elif outcome.status == ImageStatus.CANCELLED:
+                line = f"Cancelled {outcome.source} -> {outcome.destination}: {outcome.error}"
             else:
                 line = f"Failed {outcome.source} -> {outcome.destination}: {outcome.error}"
             print(line, file=self.out, flush=True)
@@ -77,7 +80,7 @@ class LiveProgress(LineProgress):
         super().__init__(out)
         self.interval = 1.0 / hz
         self._images_total = 0
-        self._done = self._skipped = self._failed = 0
+        self._done = self._skipped = self._failed = self._cancelled = 0
         self._blobs = {"transferred": 0, "mounted": 0, "skipped": 0}
         self._bytes = 0
         self._flight: dict[str, list[int]] = {}  # digest -> [bytes so far, size]
@@ -119,10 +122,13 @@ class LiveProgress(LineProgress):
 
     def image_finished(self, outcome: ImageOutcome) -> None:
         with self._lock:
-            if outcome.status == "done":
+            if outcome.status == ImageStatus.DONE:
                 self._done += 1
-            elif outcome.status == "up-to-date":
+            elif outcome.status == ImageStatus.UP_TO_DATE:
                 self._skipped += 1
+            elif outcome.status == ImageStatus.CANCELLED:
+                self._cancelled += 1
+                self._failures.append(f"Cancelled {outcome.source} -> {outcome.destination}: {outcome.error}")
             else:
                 self._failed += 1
                 self._failures.append(f"Failed {outcome.source} -> {outcome.destination}: {outcome.error}")
@@ -135,10 +141,12 @@ class LiveProgress(LineProgress):
         """The status block as lines (also what tests look at)."""
         with self._lock:
             elapsed = max(time.monotonic() - self._started, 1e-6)
-            ended = self._done + self._skipped + self._failed
+            ended = self._done + self._skipped + self._failed + self._cancelled
             total = max(self._images_total, ended)
+            cancelled = f", {self._cancelled} cancelled" if self._cancelled else ""
             head = (
                 f"images {ended}/{total}: {self._done} copied, {self._skipped} up to date, {self._failed} failed"
+                f"{cancelled}"
                 f" | blobs {self._blobs['transferred']} copied, {self._blobs['mounted']} mounted,"
                 f" {self._blobs['skipped']} present | {human_bytes(self._bytes)}"
                 f" at {human_bytes(self._bytes / elapsed)}/s"
@@ -191,7 +199,8 @@ def summary_line(report: Report) -> str:
     data: dict[str, Any] = report.to_json()
     parts = [
         f"{data['images_total']} image(s): {data['images_copied']} copied, {data['images_skipped']} up to date,"
-        f" {data['images_failed']} failed",
+        f" {data['images_failed']} failed"
+        + (f", {data['images_cancelled']} cancelled" if data["images_cancelled"] else ""),
         f"blobs: {report.blobs_transferred} transferred, {report.blobs_mounted} mounted,"
         f" {report.blobs_skipped} already present",
         f"{human_bytes(report.bytes_transferred)} in {report.seconds:.1f}s",

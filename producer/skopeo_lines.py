@@ -106,7 +106,7 @@ class SkopeoLines:
         return image_block(top.raw)
 
     def image_finished(self, outcome: ImageOutcome) -> None:
-        if outcome.status not in ("done", "up-to-date"):
+        if not outcome.status.ok:
             return
         with self._lock:
             for line in self.lines_for(outcome.id):

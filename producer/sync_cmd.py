@@ -12,6 +12,7 @@ from typing import Any
 from worker.engine.blobcache import SqliteBlobLocations
 from worker.engine.executor import ImageOutcome, PlanFeed, Report
 from worker.engine.plan import CopyOptions, Plan, ResolvedImage, plan_copy
+from worker.engine.status import ImageStatus, JobState
 from worker.engine.steps import EngineContext
 from worker.engine.sync import (
     CheckResult,
@@ -153,7 +154,7 @@ def sync(args: argparse.Namespace) -> int:
                 # what the embedded path does after its run: remember digests, then delete what is stale
                 done = [(i["source"], i["status"], i.get("digest", "")) for i in summary["images"]]
                 _remember(memo, done, checked, resolved, options)
-                if args.delete and summary["state"] == "done":
+                if args.delete and summary["state"] == JobState.DONE:
                     deletions = plan_deletions(ctx, disc, disc.items)
                     deleted = apply_deletions(ctx, deletions)
                     for d in deletions:
@@ -233,14 +234,14 @@ def _finish(
 
     quiet = args.quiet
     for item, digest in checked.unchanged if report_unchanged else []:
-        outcome = ImageOutcome("", str(item.source), str(item.destination), "up-to-date", digest)
+        outcome = ImageOutcome("", str(item.source), str(item.destination), ImageStatus.UP_TO_DATE, digest)
         report.images.append(outcome)
         if not quiet:
             if skopeo_lines.wanted(quiet):
                 print("Skipping: image already present at destination")
             print(f"Skipped {outcome.source} -> {outcome.destination}: already up to date ({digest})")
     for src, dst, err in failures:
-        report.images.append(ImageOutcome("", src, dst, "failed", error=err))
+        report.images.append(ImageOutcome("", src, dst, ImageStatus.FAILED, error=err))
     _remember(memo, [(i.source, i.status, i.digest) for i in report.images], checked, resolved, req.options)
     deleted: list[str] = []
     kept: list[Deletion] = []
@@ -254,19 +255,21 @@ def _finish(
     verified_report = run_verify(args, ctx, req, memo, disc) if args.verify and not report.cancelled else None
     _outputs(args, report, deleted, kept, verified_report)
     if skopeo_lines.wanted(quiet):
-        pairs = [(i.source, i.destination) for i in report.images if i.status in ("done", "up-to-date")]
+        pairs = [(i.source, i.destination) for i in report.images if i.status.ok]
         for line in skopeo_lines.sync_log(pairs, dry_run=False):
             print(line, file=sys.stderr)
     if not quiet:
         extra = f"; {len(deleted)} tag(s) deleted" if args.delete else ""
         print(summary_line(report) + extra, file=sys.stderr)
+    failed = report.failed
+    for img in failed:
+        print(f"Error: {img.source} -> {img.destination}: {img.error}", file=sys.stderr)
     if report.cancelled:
         return interrupted(report)
-    failed = report.failed
     if failed:
-        for img in failed:
-            print(f"Error: {img.source} -> {img.destination}: {img.error}", file=sys.stderr)
         return 1
+    if report.cancelled_images:
+        return interrupted(report)
     return 0 if verified_report is None or verified_report.ok else 1
 
 
@@ -285,7 +288,7 @@ def _remember(
         return
     for source, status, digest in images:
         src_digest = checked.source_digests.get(source)
-        if status in ("done", "up-to-date") and src_digest and digest:
+        if ImageStatus(status).ok and src_digest and digest:
             opts = next((r.options for r in resolved if r.source == source and r.options), options)
             memo.memo_put(source, src_digest, _options_key(opts), digest)
 
@@ -331,5 +334,5 @@ def _outputs(
     if args.digestfile:
         with open(args.digestfile, "w") as f:
             for img in report.images:
-                if img.status == "done":
+                if img.status == ImageStatus.DONE:
                     f.write(f"{img.digest} {img.destination}\n")

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from worker.engine.status import ImageStatus
 from worker.registry import FerryError, InvalidInput
 
 from .options import add_bool
@@ -112,12 +113,12 @@ def sign_report(ctx: EngineContext, plan: Plan, report: Report, signer: Signer) 
     outcomes = {o.id: o for o in report.images}
     for img in plan.images:
         outcome = outcomes.get(img.id)
-        if img.attachment or outcome is None or outcome.status not in ("done", "up-to-date"):
+        if img.attachment or outcome is None or not outcome.status.ok:
             continue
         try:
             sign_written(signer, ctx.destination(img.destination), img.manifests)
         except FerryError as exc:
-            outcome.status = "failed"
+            outcome.status = ImageStatus.FAILED
             outcome.error = f"signing failed: {' '.join(str(exc).split())}"
 
 

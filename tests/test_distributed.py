@@ -279,8 +279,13 @@ def wait_for(
         time.sleep(interval)
 
 
+def blob_records(state: SharedState, job: str) -> dict[str, dict[str, Any]]:
+    """Every blob step of the job as ``ferry job status --json`` would describe it."""
+    return {sid: rec.to_json() for sid, rec in state.jobs.blobs(job).items()}
+
+
 def blob_record(state: SharedState, job: str, digest: str) -> dict[str, Any]:
-    recs = [b for b in state.blobs(job).values() if b.get("digest") == digest]
+    recs = [b for b in blob_records(state, job).values() if b.get("digest") == digest]
     assert len(recs) == 1, f"expected one blob step for {digest}, got {recs}"
     return recs[0]
 
@@ -328,8 +333,8 @@ def test_shared_backoff_and_host_slots_across_processes(queue: str) -> None:
         host = f"reg-{uuid.uuid4().hex[:8]}.example:5000"
         other = f"other-{uuid.uuid4().hex[:8]}.example:5000"
         # worker one gets 429 Retry-After: 2; worker two (another connection, another gate) holds off too
-        RedisGate(one).on_throttled(host, 2.0)
-        gate = RedisGate(two)
+        RedisGate(one.hosts).on_throttled(host, 2.0)
+        gate = RedisGate(two.hosts)
         started = time.monotonic()
         gate.before_request(host)
         assert time.monotonic() - started >= 1.8
@@ -338,30 +343,30 @@ def test_shared_backoff_and_host_slots_across_processes(queue: str) -> None:
         gate.before_request(other)
         assert time.monotonic() - started < 1.0
         # a wait longer than MAX_SLEEP is not slept: the request fails as temporarily throttled
-        RedisGate(one).on_throttled(other, 30.0)
+        RedisGate(one.hosts).on_throttled(other, 30.0)
         with pytest.raises(TooManyRequests) as info:
-            gate.before_request(other)
+            RedisGate(two.hosts).before_request(other)  # (a gate reads a host's backoff at most once a second)
         assert info.value.retry_after is not None and info.value.retry_after > RedisGate.MAX_SLEEP
         # a later, shorter Retry-After does not shorten the shared backoff
-        RedisGate(two).on_throttled(other, 1.0)
-        assert two.backoff_until(other) - time.time() > 25
+        RedisGate(two.hosts).on_throttled(other, 1.0)
+        assert two.hosts.backoff_until(other) - time.time() > 25
 
         # per-host transfer slots: with a limit of 1, a second holder waits until the first releases
-        one.set_limits(host, Limits(concurrency=1))
-        assert two.limits(host).concurrency == 1
-        assert one.try_slot(host, "task-a", 1, ttl=60)
-        assert not two.try_slot(host, "task-b", 1, ttl=60)
-        with two.slot(host, "task-c", ttl=60) as got:
+        one.hosts.set_limits(host, Limits(concurrency=1))
+        assert two.hosts.limits(host).concurrency == 1
+        assert one.hosts.try_slot(host, "task-a", 1, ttl=60)
+        assert not two.hosts.try_slot(host, "task-b", 1, ttl=60)
+        with two.hosts.slot(host, "task-c", ttl=60, limit=1) as got:
             assert not got
-        one.release_slot(host, "task-a")
-        with two.slot(host, "task-b", ttl=60) as got:
+        one.hosts.release_slot(host, "task-a")
+        with two.hosts.slot(host, "task-b", ttl=60, limit=1) as got:
             assert got
-            assert not one.try_slot(host, "task-d", 1, ttl=60)
-        assert one.try_slot(host, "task-d", 1, ttl=0.3)
+            assert not one.hosts.try_slot(host, "task-d", 1, ttl=60)
+        assert one.hosts.try_slot(host, "task-d", 1, ttl=0.3)
         # a holder that died without releasing loses its slot when its ttl runs out
         time.sleep(0.4)
-        assert two.try_slot(host, "task-e", 1, ttl=60)
-        two.release_slot(host, "task-e")
+        assert two.hosts.try_slot(host, "task-e", 1, ttl=60)
+        two.hosts.release_slot(host, "task-e")
     finally:
         one.r.close()
         two.r.close()
@@ -415,7 +420,7 @@ def test_two_workers_copy_image_set_sharing_a_layer(
     assert status["bytes_transferred"] == moved
 
     # the tasks were spread over both workers (each records its Celery node name)
-    by_worker = {b.get("worker") for b in state.blobs(job).values()}
+    by_worker = {b.get("worker") for b in blob_records(state, job).values()}
     assert by_worker == workers.names, f"blob tasks ran on {by_worker}"
 
 
@@ -645,7 +650,7 @@ def test_rerun_moves_nothing_and_retry_moves_only_what_failed(
         ]
         assert httpx.get(f"{registry2.url}/v2/{bad_repo}/manifests/v1").status_code == 404
         wait_idle(queue)  # the failed image's other blobs are finished too
-        done_before = {sid: b for sid, b in state.blobs(job).items() if b["status"] == "done"}
+        done_before = {sid: b for sid, b in blob_records(state, job).items() if b["status"] == "done"}
         assert len(done_before) == 4  # the good image's layer and config, the bad image's config and 16 KiB layer
     finally:
         shutil.move(saved, data)
@@ -669,7 +674,7 @@ def test_rerun_moves_nothing_and_retry_moves_only_what_failed(
     ]
     assert not [e for e in log if e.path.startswith(f"/v2/{ok_repo}/")], "the done image is not touched again"
     # the blobs done before keep their records (not redone)
-    after = state.blobs(job)
+    after = blob_records(state, job)
     for sid, rec in done_before.items():
         assert after[sid]["attempts"] == rec["attempts"] and after[sid]["status"] == "done"
 
@@ -724,7 +729,7 @@ def test_cancel_running_job_writes_no_tag(
     # Hold the destination's in-flight lock of the config blob, as if another worker were uploading it: the
     # image cannot finish before the cancel, however fast the big layer goes.
     store = f"docker://{registry2.host}"
-    lock = state.acquire_lock(store, config, ttl=120)
+    lock = state.locks.acquire(store, config, ttl=120)
     assert lock is not None
     try:
         mark = registry2.log_mark()
@@ -732,13 +737,13 @@ def test_cancel_running_job_writes_no_tag(
             f"docker://{registry.host}/{src_repo}:v1", f"docker://{registry2.host}/{dest_repo}:v1", queue, producer_env
         )
         wait_for("the big blob's transfer to start", lambda: blob_record(state, job, big).get("status") == "running")
-        assert state.job(job)["state"] == "running"
+        assert state.jobs.job(job).state == "running"
 
         ferry("job", "cancel", job, "--queue", queue, env=producer_env)
-        assert state.job(job)["state"] == "cancelled"
-        assert [i["status"] for i in state.images(job).values()] == ["cancelled"]
+        assert state.jobs.job(job).state == "cancelled"
+        assert [i.status for i in state.jobs.images(job).values()] == ["cancelled"]
     finally:
-        state.release_lock(store, config, lock)
+        lock.release()
 
     wait_idle(queue)  # every task of the job (the finalizer included) has run
     assert blob_record(state, job, big)["status"] in ("cancelled", "done")
@@ -749,6 +754,12 @@ def test_cancel_running_job_writes_no_tag(
     assert not uploads_of(log, config), "nothing is started once the job is cancelled"
     status = job_status(job, queue, producer_env)
     assert status["state"] == "cancelled" and [i["status"] for i in status["images"]] == ["cancelled"]
+    # cancelled is its own outcome: not counted, printed or exited as a failure
+    assert (status["images_failed"], status["images_cancelled"], status["failed"]) == (0, 1, [])
+    waited = ferry("job", "wait", job, "--queue", queue, env=producer_env, check=False)
+    assert waited.returncode == 130
+    assert waited.stdout.startswith("Cancelled ") and waited.stdout.rstrip().endswith(": cancelled by user")
+    assert "0 failed, 1 cancelled" in waited.stderr
 
 
 def test_early_finalizer_waits_for_every_blob(
@@ -768,7 +779,7 @@ def test_early_finalizer_waits_for_every_blob(
     push_image(registry.url, unique_repo, "v1", img)
     config = str(img.config_digest)
     store = f"docker://{registry2.host}"
-    lock = state.acquire_lock(store, config, ttl=120)  # the config blob stays "being uploaded elsewhere"
+    lock = state.locks.acquire(store, config, ttl=120)  # the config blob stays "being uploaded elsewhere"
     assert lock is not None
     try:
         mark = registry2.log_mark()
@@ -778,7 +789,7 @@ def test_early_finalizer_waits_for_every_blob(
             queue,
             producer_env,
         )
-        (image_id,) = state.images(job)
+        (image_id,) = state.jobs.images(job)
         # the finalizer, early: sent by hand while the config blob cannot be done
         app = make_app(queue)
         app.send_task("ferry.finalize_image", args=[job, image_id], queue="ferry.meta")
@@ -790,9 +801,9 @@ def test_early_finalizer_waits_for_every_blob(
         assert httpx.get(f"{registry2.url}/v2/{unique_repo}/manifests/v1").status_code == 404
         log = registry2.access_log(since=mark)
         assert not [e for e in log if e.method == "PUT" and "/manifests/" in e.path]
-        assert state.image(job, image_id)["status"] != "done"
+        assert state.jobs.image(job, image_id).status != "done"
     finally:
-        state.release_lock(store, config, lock)
+        lock.release()
     assert job_wait(job, queue, producer_env, workers) == 0, workers.logs()
     assert_copied(registry2, unique_repo, "v1", img)
     wait_idle(queue)
@@ -836,7 +847,7 @@ def test_sigkilled_worker_task_is_redone_by_the_other(
         first_patch,
         timeout=60.0,
         interval=0.02,
-        detail=lambda: f"blobs: {state.blobs(job)}\nlog: {registry2.requests(since=mark)}\n{workers.logs()}",
+        detail=lambda: f"blobs: {blob_records(state, job)}\nlog: {registry2.requests(since=mark)}\n{workers.logs()}",
     )
     rec = blob_record(state, job, big)
     assert rec["status"] == "running" and rec["attempts"] == 1

@@ -280,15 +280,16 @@ def test_worker_transfer_from_a_trickling_registry_ends_and_frees_its_lock(
         job = out.stdout.strip()
 
         def stalled() -> bool:
-            return any("too slow" in b.get("error", "") for b in state.blobs(job).values() if b["digest"] == layer)
+            blobs = state.jobs.blobs(job).values()
+            return any("too slow" in b.state.error for b in blobs if b.digest == layer)
 
         deadline = time.monotonic() + 60
         while not stalled():
-            assert time.monotonic() < deadline, f"{state.blobs(job)}\n{worker.log()[-3000:]}"
+            assert time.monotonic() < deadline, f"{state.jobs.blobs(job)}\n{worker.log()[-3000:]}"
             time.sleep(0.1)
         assert ferry_env("job", "cancel", job, env=env_producer).returncode == 0
         store = f"docker://{registry2.host}"
-        while state.lock_ttl(store, layer) > 0:
+        while state.locks.ttl(store, layer) > 0:
             assert time.monotonic() < deadline, f"the lock is still held\n{worker.log()[-3000:]}"
             time.sleep(0.1)
         assert httpx.get(f"{registry2.url}/v2/{unique_repo}/manifests/v1").status_code == 404

@@ -6,9 +6,12 @@ Flower with ``celery -A worker.celery_app flower``.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Any
 
 from celery import Celery
+from celery.signals import worker_ready, worker_shutdown
 from kombu.entity import Exchange, Queue
 
 DEFAULT_QUEUE_URL = "redis://127.0.0.1:6379/0"
@@ -78,4 +81,68 @@ def make_app(url: str | None = None) -> Celery:
     return celery
 
 
+def _survive_broker_loss() -> None:
+    """Let a worker reconnect after Redis went away instead of dying (kombu 5.x, Redis transport).
+
+    When the broker connection breaks, Celery's consumer closes it; closing its channel tries to put the
+    channel's unacknowledged messages back, which builds a Redis client from connection details that the
+    close has already dropped: an ``AttributeError`` (``'NoneType' object has no attribute 'hostname'``) that
+    Celery treats as unrecoverable, and the worker stops. Raise it as the connection error it is, which the
+    close ignores; the messages stay in Redis's ``unacked`` set and are redelivered after the visibility
+    timeout, as for a worker that died.
+    """
+    import redis.exceptions
+    from kombu.transport import redis as kombu_redis
+
+    original = kombu_redis.Channel._connparams
+    if getattr(original, "_ferry_patched", False):
+        return
+
+    def _connparams(self: Any, asynchronous: bool = False) -> Any:
+        if self.connection.client is None:
+            raise redis.exceptions.ConnectionError("the broker connection is closed")
+        return original(self, asynchronous=asynchronous)
+
+    _connparams._ferry_patched = True  # type: ignore[attr-defined]
+    kombu_redis.Channel._connparams = _connparams  # type: ignore[method-assign]
+
+
+_survive_broker_loss()
 app = make_app()
+
+
+def _announce_consumer(sender: Any, **_: Any) -> None:
+    """Say every few seconds, in Redis, which queues this worker consumes (``ferry job wait`` warns when none)."""
+    import threading
+
+    from worker.state import SharedState, connect
+    from worker.state.workers import BEAT_INTERVAL
+
+    name = str(getattr(sender, "hostname", "") or "worker")
+    queues = sorted(app.amqp.queues.consume_from or {}) or [BLOB_QUEUE, META_QUEUE]
+    registry = SharedState(connect(queue_url(), reconnect=True)).workers
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                registry.beat(name, queues)
+            except Exception:  # Redis away for a moment: say it again next time
+                pass
+            if stop.wait(BEAT_INTERVAL):
+                break
+        with contextlib.suppress(Exception):
+            registry.leave(name, queues)
+
+    threading.Thread(target=beat, name="ferry-consumer-beat", daemon=True).start()
+    _beats.append(stop)
+
+
+def _stop_announcing(**_: Any) -> None:
+    for stop in _beats:
+        stop.set()
+
+
+_beats: list[Any] = []
+worker_ready.connect(_announce_consumer, weak=False)
+worker_shutdown.connect(_stop_announcing, weak=False)

@@ -1,9 +1,15 @@
 """Thin Celery tasks over the copy engine.
 
-Arguments are identifiers only: a job id, a step id, image names, a digest and
-a size; never bytes, never credentials (workers find their own: auth files,
-environment, credential helpers). Each task is idempotent: a redelivered or
-retried task finds the blob already present and does nothing.
+Arguments are identifiers only: a job id, a step id, image names, a digest and a size; never bytes, never
+credentials (workers find their own: auth files, environment, credential helpers). Each task is idempotent: a
+redelivered or retried task finds the blob already present and does nothing.
+
+An image's finalizer is started by the blob task that finishes the image's last blob (a countdown per image in
+Redis, counted once per blob however often its task is delivered), not by a Celery chord: no chord results
+to store, no early chord, and no chord body that never runs when a header task fails.
+
+Every task body runs under a ``try`` that records the outcome: an image ends ``done``, ``failed`` or
+``cancelled`` whatever happens in its tasks, so a job always ends.
 """
 
 from __future__ import annotations
@@ -22,15 +28,18 @@ from typing import Any
 
 from celery import Task
 from celery.exceptions import Retry
+from redis.lock import Lock
 
 from worker import telemetry
 from worker.celery_app import app, visibility_timeout
-from worker.engine.plan import BlobStep, ManifestStep
-from worker.engine.steps import EngineContext, blob_store, existing_blob, run_manifest_step, transfer_blob
+from worker.engine.plan import BlobStep
+from worker.engine.status import BlobStatus, ImageStatus
+from worker.engine.steps import BlobResult, EngineContext, blob_store, existing_blob, run_manifest_step, transfer_blob
 from worker.engine.transports import ClientPool, ImageName, SideConfig
 from worker.engine.trust import Signer, SigningConfig, sign_written
 from worker.registry import USER_AGENT, FerryError, RetryPolicy, is_temporary
-from worker.state import RedisGate, SharedState, connect
+from worker.state import BlobState, RedisGate, SharedState, connect
+from worker.state.locks import release, renew
 
 log = logging.getLogger("ferry.worker")
 
@@ -40,13 +49,31 @@ LOCK_TTL = float(os.environ.get("FERRY_LOCK_TTL", "30"))
 LOCK_WAIT_POLL = float(os.environ.get("FERRY_LOCK_POLL", "2"))
 #: how many times a temporary failure of one blob is retried by re-queueing it
 DEFAULT_TASK_RETRIES = 5
+#: how many times a finalizer that hit a temporary error (a manifest PUT answered 503...) is retried ...
+FINALIZE_RETRIES = 5
+#: ... after 2, 4, 8, 16, 32 s (this base times 2^n)
+FINALIZE_BACKOFF = float(os.environ.get("FERRY_FINALIZE_BACKOFF", "1"))
+
+
+def finalize_wait() -> float:
+    """How long a finalizer that ran before its image's blobs were done waits for them before failing the image.
+
+    A blob task can be delayed by up to the visibility timeout (a dead worker's task is redone after it) plus a
+    transfer: the default is the visibility timeout plus ten minutes.
+    """
+    return float(os.environ.get("FERRY_FINALIZE_WAIT") or visibility_timeout() + 600)
 
 
 @lru_cache(maxsize=1)
 def _state() -> SharedState:
     from worker.celery_app import queue_url
 
-    return SharedState(connect(queue_url()))
+    return SharedState(connect(queue_url(), reconnect=True))
+
+
+@lru_cache(maxsize=1)
+def _gate() -> RedisGate:
+    return RedisGate(_state().hosts)
 
 
 @lru_cache(maxsize=1)
@@ -57,7 +84,7 @@ def _pool() -> ClientPool:
 @lru_cache(maxsize=16)
 def _sides(options_json: str) -> tuple[SideConfig, SideConfig]:
     opts = json.loads(options_json or "{}")
-    gate = RedisGate(_state())
+    gate = _gate()
 
     def side(prefix: str) -> SideConfig:
         retry = RetryPolicy(times=int(opts.get("retry_times", 3)), delay=opts.get("retry_delay"))
@@ -87,14 +114,34 @@ def _source_sides(options_json: str) -> dict[str, SideConfig]:
 @lru_cache(maxsize=256)
 def _job_options(job_id: str) -> str:
     """A job's options never change once it is created: read them once per worker process."""
-    return str(_state().r.hget(f"ferry:job:{job_id}", "options") or "{}")
+    return _state().jobs.options(job_id)
+
+
+#: images this process has already marked running (each is marked once, not once per blob)
+_started: dict[tuple[str, str], None] = {}
+_started_lock = threading.Lock()
+
+
+def _start_images(job_id: str, image_ids: list[str]) -> None:
+    for image_id in image_ids:
+        with _started_lock:
+            if (job_id, image_id) in _started:
+                continue
+            if len(_started) > 10_000:
+                _started.clear()
+            _started[(job_id, image_id)] = None
+        _state().jobs.start_image(job_id, image_id)
 
 
 def _context(job_id: str) -> EngineContext:
     options = _job_options(job_id)
     src, dest = _sides(options)
     return EngineContext(
-        source_side=src, dest_side=dest, source_sides=dict(_source_sides(options)), locations=_state(), pool=_pool()
+        source_side=src,
+        dest_side=dest,
+        source_sides=dict(_source_sides(options)),
+        locations=_state().locations,
+        pool=_pool(),
     )
 
 
@@ -109,10 +156,10 @@ def _host(name: str) -> str:
 
 
 @contextmanager
-def _heartbeat(ctx: EngineContext, job_id: str, store: str, digest: str, token: str) -> Iterator[None]:
+def _heartbeat(ctx: EngineContext, job_id: str, lock: Lock) -> Iterator[None]:
     """Renew the in-flight lock and watch for cancellation while a transfer runs."""
     stop = threading.Event()
-    state = _state()
+    jobs = _state().jobs
 
     def beat() -> None:
         # renew the lock every third of its life; look for a cancel at least every 2 s
@@ -122,9 +169,9 @@ def _heartbeat(ctx: EngineContext, job_id: str, store: str, digest: str, token: 
             try:
                 if time.monotonic() - last_renew >= LOCK_TTL / 3 - interval / 2:
                     last_renew = time.monotonic()
-                    if not state.extend_lock(store, digest, token, LOCK_TTL):
-                        log.warning("lost the in-flight lock of %s", digest)
-                if state.cancelled(job_id):
+                    if not renew(lock, LOCK_TTL):
+                        log.warning("lost the in-flight lock %s", lock.name)
+                if jobs.cancelled(job_id):
                     ctx.cancel.set()
             except Exception:  # Redis hiccup: the lock may lapse, the upload is still correct
                 log.debug("heartbeat failed", exc_info=True)
@@ -156,14 +203,31 @@ def _meter(job_id: str, step: BlobStep, worker: str) -> telemetry.TransferMeter:
     )
 
 
-def _fail_images(job_id: str, step_id: str, image_ids: list[str], error: str) -> None:
-    state = _state()
-    state.update_blob(job_id, step_id, status="failed", error=error)
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if isinstance(exc, FerryError) else f"internal error: {type(exc).__name__}: {text}"
+
+
+def _fail_images(
+    job_id: str, step_id: str, image_ids: list[str], error: str, worker: str, destination_registry: str
+) -> None:
+    """A blob failed for good: it and every image it belongs to fail (best effort: Redis may be the cause)."""
+    try:
+        jobs = _state().jobs
+        jobs.set_blob(job_id, step_id, BlobState(BlobStatus.FAILED, worker=worker, error=error))
+        telemetry.count_blob(jobs.r, "failed", destination_registry)
+        for image_id in image_ids:
+            jobs.end_image(job_id, image_id, ImageStatus.FAILED, error)
+    except Exception:
+        log.exception("could not record the failure of %s/%s: %s", job_id, step_id, error)
+
+
+def send_finalizers(job_id: str, image_ids: list[str]) -> None:
     for image_id in image_ids:
-        state.update_image(job_id, image_id, status="failed", error=error)
+        finalize_image.apply_async((job_id, image_id))
 
 
-@app.task(name="ferry.copy_blob", bind=True, max_retries=None, acks_late=True)
+@app.task(name="ferry.copy_blob", bind=True, max_retries=None, acks_late=True, ignore_result=True)
 def copy_blob(
     self: Task,
     job_id: str,
@@ -175,73 +239,81 @@ def copy_blob(
     size: int,
     media_type: str,
     mount_from: str | None = None,
+    images: list[str] | None = None,
 ) -> dict[str, Any]:
     """Make one blob exist at the destination: skip, mount, or stream it (once per registry at a time)."""
-    state = _state()
-    if state.cancelled(job_id):
-        return {"digest": digest, "action": "cancelled"}
-    rec = state.blob(job_id, step_id)
-    if rec.get("status") == "done":
-        return {"digest": digest, "action": rec.get("action", "done"), "bytes": 0}
     step = BlobStep(step_id, source, destination, digest, size, media_type, mount_from=mount_from)
-    images = list(rec.get("images") or [image_id])
-    ctx = _context(job_id)
-    store = blob_store(step)
+    image_ids = list(images or [image_id])
     worker = _worker_name(self)
     try:
-        for image in images:
-            state.start_image(job_id, image)
-        if state.lock_ttl(store, digest) > 0:
-            # another worker is uploading this blob right now: a mount would be refused, so wait and
-            # look again, soon at first (most blobs are small), then every FERRY_LOCK_POLL seconds
-            raise self.retry(countdown=_lock_wait(self), max_retries=None)
-        result = existing_blob(ctx, step)
-        if result is None:
-            token = state.acquire_lock(store, digest, LOCK_TTL)
-            if token is None:
-                raise self.retry(countdown=_lock_wait(self), max_retries=None)
-            try:
-                result = existing_blob(ctx, step)
-                if result is None:
-                    slot_ttl = float(visibility_timeout())
-                    with state.slot(_host(destination), self.request.id or step_id, ttl=slot_ttl) as got:
-                        if not got:
-                            # the registry's transfer slots are all taken: queue up again shortly
-                            raise self.retry(countdown=1.0 + random.random() * 2, max_retries=None)
-                        state.blob_attempt(job_id, step_id, worker)
-                        meter = _meter(job_id, step, worker)
-                        with _heartbeat(ctx, job_id, store, digest, token), telemetry.metering(ctx, meter):
-                            result = transfer_blob(ctx, step)
-            finally:
-                state.release_lock(store, digest, token)
-        state.update_blob(job_id, step_id, status="done", action=result.action, bytes=result.bytes, worker=worker)
-        telemetry.count_blob(state.r, result.action, _host(destination))
-        return {"digest": digest, "action": result.action, "bytes": result.bytes}
+        return _copy_blob(self, job_id, step, image_ids, worker)
     except Retry:
         raise
-    except FerryError as exc:
-        if state.cancelled(job_id):
-            state.update_blob(job_id, step_id, status="cancelled")
-            telemetry.count_blob(state.r, "cancelled", _host(destination))
-            return {"digest": digest, "action": "cancelled"}
-        error = " ".join(str(exc).split())
-        # every temporary failure counts, wherever it happened (HEAD, mount or transfer)
-        failures = int(state.update_blob(job_id, step_id, status="retrying", error=error).get("failures", 0)) + 1
-        state.update_blob(job_id, step_id, failures=failures)
-        limit = int(json.loads(_job_options(job_id)).get("task_retries", DEFAULT_TASK_RETRIES))
-        if is_temporary(exc) and failures <= limit and not ctx.cancel.is_set():
-            countdown = getattr(exc, "retry_after", None) or min(60.0, 2.0**failures) * random.uniform(0.5, 1.0)
-            telemetry.count(state.r, "blob_retries", registry=_host(destination), reason=type(exc).__name__)
-            raise self.retry(countdown=countdown, max_retries=None) from exc
-        telemetry.count_blob(state.r, "failed", _host(destination))
-        _fail_images(job_id, step_id, images, error)
-        raise
     except Exception as exc:
-        # a bug or a Redis outage: fail the image with the reason instead of leaving it running forever
-        _fail_images(job_id, step_id, images, f"internal error: {type(exc).__name__}: {exc}")
+        # a permanent registry error, a bug, or Redis gone: the blob's images end failed, never stay running
+        _fail_images(job_id, step_id, image_ids, _one_line(exc), worker, _host(destination))
         raise
+
+
+def _copy_blob(self: Task, job_id: str, step: BlobStep, image_ids: list[str], worker: str) -> dict[str, Any]:
+    state = _state()
+    jobs = state.jobs
+    cancelled, current = jobs.blob_begin(job_id, step.id)
+    if cancelled:
+        return {"digest": step.digest, "action": "cancelled"}
+    if current.status == BlobStatus.DONE:
+        # delivered again (or a duplicate): the first delivery may have died before starting the finalizers
+        left = jobs.images_left(job_id, image_ids)
+        send_finalizers(job_id, [i for i, n in left.items() if n <= 0 and not jobs.image(job_id, i).status.ended])
+        return {"digest": step.digest, "action": current.action or "done", "bytes": 0}
+    _start_images(job_id, image_ids)
+    store = blob_store(step)
+    lock = state.locks.acquire(store, step.digest, LOCK_TTL)
+    if lock is None:
+        # another task is uploading this digest to this registry right now: a mount would be refused, so wait
+        # and look again, soon at first (most blobs are small), then every FERRY_LOCK_POLL seconds
+        raise self.retry(countdown=_lock_wait(self), max_retries=None)
+    ctx = _context(job_id)
+    try:
+        result = existing_blob(ctx, step)
+        if result is None:
+            result = _transfer(self, ctx, job_id, step, lock, worker)
+    except FerryError as exc:
+        if ctx.cancel.is_set() or jobs.cancelled(job_id):
+            jobs.set_blob(job_id, step.id, BlobState(BlobStatus.CANCELLED, worker=worker))
+            telemetry.count_blob(jobs.r, "cancelled", _host(step.destination))
+            return {"digest": step.digest, "action": "cancelled"}
+        error = " ".join(str(exc).split())
+        if not is_temporary(exc):
+            raise
+        # every temporary failure counts, wherever it happened (HEAD, mount or transfer)
+        failures = jobs.blob_failure(job_id, step.id, error, worker)
+        limit = int(json.loads(_job_options(job_id)).get("task_retries", DEFAULT_TASK_RETRIES))
+        if failures > limit:
+            raise
+        countdown = getattr(exc, "retry_after", None) or min(60.0, 2.0**failures) * random.uniform(0.5, 1.0)
+        telemetry.count(jobs.r, "blob_retries", registry=_host(step.destination), reason=type(exc).__name__)
+        raise self.retry(countdown=countdown, max_retries=None) from exc
     finally:
+        release(lock)
         ctx.close_transports()
+    done = BlobState(BlobStatus.DONE, result.action, result.bytes, worker)
+    send_finalizers(job_id, jobs.blob_done(job_id, step.id, done, image_ids))
+    telemetry.count_blob(jobs.r, result.action.value, _host(step.destination))
+    return {"digest": step.digest, "action": result.action.value, "bytes": result.bytes}
+
+
+def _transfer(self: Task, ctx: EngineContext, job_id: str, step: BlobStep, lock: Lock, worker: str) -> BlobResult:
+    state = _state()
+    host = _host(step.destination)
+    limit = _gate().limits(host).concurrency if host else 0
+    with state.hosts.slot(host, self.request.id or step.id, float(visibility_timeout()), limit) as got:
+        if not got:
+            # the registry's transfer slots are all taken: queue up again shortly
+            raise self.retry(countdown=1.0 + random.random() * 2, max_retries=None)
+        state.jobs.blob_attempt(job_id, step.id, worker)
+        with _heartbeat(ctx, job_id, lock), telemetry.metering(ctx, _meter(job_id, step, worker)):
+            return transfer_blob(ctx, step)
 
 
 @lru_cache(maxsize=4)
@@ -250,52 +322,82 @@ def _signer(config_json: str) -> Signer:
     return Signer(SigningConfig.from_json(json.loads(config_json)))
 
 
-@app.task(name="ferry.finalize_image", bind=True, acks_late=True)
-def finalize_image(self: Task, job_id: str, image_id: str, sign_digests: list[str] | None = None) -> dict[str, Any]:
-    """Once every blob of the image exists: push child manifests, the index, then the tag(s); then sign."""
-    state = _state()
-    record = state.image(job_id, image_id)
-    if state.cancelled(job_id) or record.get("status") in ("failed", "cancelled"):
-        return {"image": image_id, "status": record.get("status", "cancelled")}
-    unfinished = state.unfinished_blobs(job_id, image_id)
+@app.task(name="ferry.finalize_image", bind=True, max_retries=None, acks_late=True)
+def finalize_image(
+    self: Task,
+    job_id: str,
+    image_id: str,
+    sign_digests: list[str] | None = None,
+    since: float = 0.0,
+    errors: int = 0,
+) -> dict[str, Any]:
+    """Once every blob of the image exists: push child manifests, the index, then the tag(s).
+
+    Two separate, bounded reasons to run again later: the image's blobs are not all done yet (the finalizer was
+    sent early; it waits up to ``finalize_wait()`` seconds from ``since``), and a temporary registry error (up to
+    ``FINALIZE_RETRIES`` times, counted in ``errors``). Whatever else happens, the image ends ``failed`` with
+    the reason. When the job signs, the image's manifests (``sign_digests``, else those its record lists) are
+    signed with the key read from this worker's own file.
+    """
+    try:
+        return _finalize(self, job_id, image_id, sign_digests, since, errors)
+    except Retry:
+        raise
+    except Exception as exc:
+        try:
+            _state().jobs.end_image(job_id, image_id, ImageStatus.FAILED, _one_line(exc))
+        except Exception:
+            log.exception("could not record the failure of image %s/%s", job_id, image_id)
+        raise
+
+
+def _finalize(
+    self: Task, job_id: str, image_id: str, sign_digests: list[str] | None, since: float, errors: int
+) -> dict[str, Any]:
+    jobs = _state().jobs
+    record = jobs.image(job_id, image_id)
+    to_sign = list(sign_digests or record.sign)
+    if (record.status.ended and not to_sign) or jobs.cancelled(job_id):
+        return {"image": image_id, "status": record.status.value}
+    states = jobs.blob_states(job_id, jobs.image_blob_ids(job_id, image_id))
+    lost = [s for s in states.values() if s.status in (BlobStatus.FAILED, BlobStatus.CANCELLED)]
+    if lost:
+        jobs.end_image(job_id, image_id, ImageStatus.FAILED, lost[0].error or f"a blob was {lost[0].status}")
+        return {"image": image_id, "status": "failed"}
+    unfinished = [sid for sid, s in states.items() if s.status != BlobStatus.DONE]
     if unfinished:
-        # the chord fired early (a blob task delivered twice counts twice): never write a manifest,
-        # let alone a tag, before everything it points to exists; look again shortly
+        # sent before every blob was done: never write a manifest, let alone a tag, before everything it points
+        # to exists; look again shortly, for a bounded time
+        started = since or time.time()
+        waited = time.time() - started
+        if waited >= finalize_wait():
+            error = f"gave up after waiting {waited:.0f}s for {len(unfinished)} blob(s) to be copied"
+            jobs.end_image(job_id, image_id, ImageStatus.FAILED, error)
+            return {"image": image_id, "status": "failed"}
         log.warning("finalizer of %s/%s early: %d blob(s) not done; waiting", job_id, image_id, len(unfinished))
-        raise self.retry(countdown=2.0, max_retries=None)
-    steps = [ManifestStep(**s) for s in _manifest_steps(job_id, image_id)]
+        countdown = min(2.0 + waited / 4, 30.0)
+        raise self.retry(countdown=countdown, kwargs={"since": started, "errors": errors}, max_retries=None)
     ctx = _context(job_id)
+    steps = jobs.manifest_steps(job_id, image_id)
     try:
         for step in steps:
             run_manifest_step(ctx, step)
         ctx.commit()
         sign = json.loads(_job_options(job_id)).get("sign")
-        if sign and sign_digests:
-            signer = _signer(json.dumps(sign, sort_keys=True))
-            sign_written(signer, ctx.destination(record["destination"]), sign_digests)
+        if sign and to_sign:
+            sign_written(_signer(json.dumps(sign, sort_keys=True)), ctx.destination(record.destination), to_sign)
     except FerryError as exc:
-        error = " ".join(str(exc).split())
-        if is_temporary(exc) and self.request.retries < DEFAULT_TASK_RETRIES:
-            raise self.retry(countdown=2.0 ** (self.request.retries + 1), exc=exc) from exc
-        state.update_image(job_id, image_id, status="failed", error=error)
-        raise
-    except Exception as exc:
-        state.update_image(job_id, image_id, status="failed", error=f"internal error: {type(exc).__name__}: {exc}")
+        if is_temporary(exc) and errors < FINALIZE_RETRIES:
+            log.warning("finalizer of %s/%s: %s; retrying", job_id, image_id, " ".join(str(exc).split()))
+            countdown = FINALIZE_BACKOFF * 2.0 ** (errors + 1)
+            kwargs = {"since": since, "errors": errors + 1}
+            raise self.retry(countdown=countdown, kwargs=kwargs, max_retries=None) from exc
         raise
     finally:
         ctx.close_transports()
     # an image that needed only its signature was already up to date
-    state.update_image(job_id, image_id, status="done" if steps else "up-to-date", finished=time.time())
-    return {"image": image_id, "status": "done", "digest": record.get("digest", "")}
+    jobs.end_image(job_id, image_id, ImageStatus.DONE if steps else ImageStatus.UP_TO_DATE)
+    return {"image": image_id, "status": "done", "digest": record.digest}
 
 
-def _manifest_steps(job_id: str, image_id: str) -> list[dict[str, Any]]:
-    raw = _state().r.hget(f"ferry:job:{job_id}:manifests", image_id)
-    steps: list[dict[str, Any]] = json.loads(str(raw)) if raw else []
-    for s in steps:
-        s["raw"] = s["raw"].encode()
-        s["deps"] = tuple(s.get("deps") or ())
-    return steps
-
-
-__all__ = ["ImageName", "copy_blob", "finalize_image"]
+__all__ = ["ImageName", "copy_blob", "finalize_image", "send_finalizers"]

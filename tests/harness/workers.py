@@ -1,9 +1,10 @@
 """Real Ferry Celery workers for the distributed tests: ``ferry worker`` processes in their own process groups.
 
-:func:`start_worker` launches ``ferry worker --queue URL --concurrency N --hostname NAME`` (a Celery prefork
-worker: one parent and N children) with its own environment (``FERRY_QUEUE``, ``FERRY_CACHE_DIR``, and whatever
-the caller adds: ``FERRY_VISIBILITY_TIMEOUT``, ``FERRY_LOCK_TTL``, ``REGISTRY_AUTH_FILE``...), in a new session so
-that :meth:`WorkerProcess.kill` can SIGKILL the parent and every pool child at once, like a machine that died.
+:func:`start_worker` launches ``ferry worker --queue URL --concurrency N --hostname NAME [--pool POOL]`` (by
+default the threads pool: one process; with ``pool="prefork"`` one parent and N children) with its own
+environment (``FERRY_QUEUE``, ``FERRY_CACHE_DIR``, and whatever the caller adds: ``FERRY_VISIBILITY_TIMEOUT``,
+``FERRY_LOCK_TTL``, ``REGISTRY_AUTH_FILE``...), in a new session so that :meth:`WorkerProcess.kill` can SIGKILL
+the parent and every pool child at once, like a machine that died.
 :meth:`WorkerProcess.wait_ready` waits for Celery's ``<name> ready.`` log line.
 
 Every worker is stopped by :meth:`WorkerProcess.stop`, by :func:`stop_all_workers`, at interpreter exit, and --
@@ -133,6 +134,7 @@ def start_worker(
     env: Mapping[str, str] | None = None,
     loglevel: str = "INFO",
     wait: bool = True,
+    pool: str | None = None,
 ) -> WorkerProcess:
     """Start ``ferry worker`` on ``queue`` as Celery node ``name`` (e.g. ``"w1@%h"``: Celery expands ``%h``).
 
@@ -153,7 +155,7 @@ def start_worker(
     start = log_path.stat().st_size if log_path.exists() else 0
     argv = [
         FERRY_BIN, "worker", "--queue", queue, "--concurrency", str(concurrency),
-        "--hostname", node, "--loglevel", loglevel,
+        "--hostname", node, "--loglevel", loglevel, *(["--pool", pool] if pool else []),
     ]  # fmt: skip
     main = threading.current_thread() is threading.main_thread()
     with open(log_path, "ab") as log:

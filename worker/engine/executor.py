@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from worker.registry import Cancelled, FerryError
 
 from .plan import BlobStep, ImagePlan, ManifestStep, Plan, Step
+from .status import BlobAction, ImageStatus
 from .steps import BlobResult, EngineContext, run_blob_step, run_manifest_step
 
 log = logging.getLogger("ferry.engine")
@@ -29,7 +30,7 @@ class ImageOutcome:
     id: str
     source: str
     destination: str
-    status: str = "pending"  # done | up-to-date | failed | cancelled
+    status: ImageStatus = ImageStatus.PENDING
     digest: str = ""
     error: str = ""
 
@@ -47,18 +48,24 @@ class Report:
 
     @property
     def failed(self) -> list[ImageOutcome]:
-        return [i for i in self.images if i.status in ("failed", "cancelled")]
+        return [i for i in self.images if i.status == ImageStatus.FAILED]
+
+    @property
+    def cancelled_images(self) -> list[ImageOutcome]:
+        """Images not finished because the run was interrupted or stopped early (never counted as failed)."""
+        return [i for i in self.images if i.status == ImageStatus.CANCELLED]
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.cancelled
+        return not self.failed and not self.cancelled_images and not self.cancelled
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["images_total"] = len(self.images)
-        d["images_copied"] = sum(1 for i in self.images if i.status == "done")
-        d["images_skipped"] = sum(1 for i in self.images if i.status == "up-to-date")
+        d["images_copied"] = sum(1 for i in self.images if i.status == ImageStatus.DONE)
+        d["images_skipped"] = sum(1 for i in self.images if i.status == ImageStatus.UP_TO_DATE)
         d["images_failed"] = len(self.failed)
+        d["images_cancelled"] = len(self.cancelled_images)
         d["seconds"] = round(self.seconds, 3)
         return d
 
@@ -175,15 +182,15 @@ class EmbeddedExecutor:
         ready: deque[str] = deque()
         #: steps that ran and succeeded; steps that failed (or never ran because a dependency failed) -> error
         succeeded: set[str] = set()
-        failed: dict[str, tuple[str, str]] = {}
+        failed: dict[str, tuple[str, ImageStatus]] = {}
         lock = threading.Lock()
         aborted = threading.Event()
 
-        def finish_image(out: ImageOutcome, status: str, error: str = "") -> None:
+        def finish_image(out: ImageOutcome, status: ImageStatus, error: str = "") -> None:
             out.status = status
             out.error = error
             self.events.image_finished(out)
-            if status == "failed" and self.fail_fast:
+            if status == ImageStatus.FAILED and self.fail_fast:
                 aborted.set()
 
         def add(images: list[ImagePlan], new_steps: dict[str, Step], fed: bool = True) -> None:
@@ -200,16 +207,16 @@ class EmbeddedExecutor:
                 for sid in img.steps:
                     step_images.setdefault(sid, []).append(img.id)
                     if sid in failed:
-                        if out.status == "pending":
+                        if out.status == ImageStatus.PENDING:
                             finish_image(out, failed[sid][1], failed[sid][0])
                     elif sid not in succeeded:
                         open_steps[img.id].add(sid)
-                if out.status != "pending":
+                if out.status != ImageStatus.PENDING:
                     continue
                 if img.up_to_date:
-                    finish_image(out, "up-to-date")
+                    finish_image(out, ImageStatus.UP_TO_DATE)
                 elif not open_steps[img.id]:
-                    finish_image(out, "done")
+                    finish_image(out, ImageStatus.DONE)
             for sid, step in new_steps.items():
                 deps = {d for d in step.deps if d in steps and d not in succeeded}
                 bad = next((d for d in deps if d in failed), None)
@@ -225,10 +232,10 @@ class EmbeddedExecutor:
             for image_id in step_images.get(sid, []):
                 open_steps[image_id].discard(sid)
                 out = outcomes[image_id]
-                if not open_steps[image_id] and out.status == "pending":
-                    finish_image(out, "done")
+                if not open_steps[image_id] and out.status == ImageStatus.PENDING:
+                    finish_image(out, ImageStatus.DONE)
 
-        def fail_step(sid: str, error: str, status: str = "failed") -> None:
+        def fail_step(sid: str, error: str, status: ImageStatus = ImageStatus.FAILED) -> None:
             # the step and everything after it never run; its images fail
             stack = [sid]
             while stack:
@@ -241,7 +248,7 @@ class EmbeddedExecutor:
                 for image_id in step_images.get(cur, []):
                     out = outcomes[image_id]
                     open_steps[image_id].discard(cur)
-                    if out.status == "pending":
+                    if out.status == ImageStatus.PENDING:
                         finish_image(out, status, error)
 
         def run_step(step: Step) -> BlobResult | None:
@@ -295,7 +302,9 @@ class EmbeddedExecutor:
                             log.debug("step %s failed", sid, exc_info=exc)
                             self.events.step_finished(step, None, exc)
                             cancelled = isinstance(exc, Cancelled)
-                            fail_step(sid, describe_error(exc), "cancelled" if cancelled else "failed")
+                            fail_step(
+                                sid, describe_error(exc), ImageStatus.CANCELLED if cancelled else ImageStatus.FAILED
+                            )
                             continue
                         result = fut.result()
                         self._count(report, step, result)
@@ -321,15 +330,15 @@ class EmbeddedExecutor:
                     fut.cancel()
                 pool.shutdown(wait=True, cancel_futures=True)
                 for outcome in report.images:
-                    if outcome.status == "pending":
-                        outcome.status = "cancelled"
+                    if outcome.status == ImageStatus.PENDING:
+                        outcome.status = ImageStatus.CANCELLED
                         outcome.error = "interrupted"
             else:
                 pool.shutdown(wait=True)
             if aborted.is_set():
                 for outcome in report.images:
-                    if outcome.status == "pending":
-                        outcome.status = "cancelled"
+                    if outcome.status == ImageStatus.PENDING:
+                        outcome.status = ImageStatus.CANCELLED
                         outcome.error = "not attempted: an earlier image failed"
             report.seconds = time.monotonic() - started
         return report
@@ -340,10 +349,10 @@ class EmbeddedExecutor:
             report.manifests_pushed += 1
             return
         assert result is not None
-        if result.action == "transferred":
+        if result.action == BlobAction.TRANSFERRED:
             report.blobs_transferred += 1
             report.bytes_transferred += result.bytes
-        elif result.action == "mounted":
+        elif result.action == BlobAction.MOUNTED:
             report.blobs_mounted += 1
         else:
             report.blobs_skipped += 1

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 from worker.registry import Cancelled, Digest, FerryError, RetryPolicy, is_temporary
 
 from .plan import BlobStep, ManifestStep, ResolvedImage
+from .status import BlobAction
 from .transports import ClientPool, ImageDestination, ImageName, ImageSource, SideConfig, open_destination, open_source
 
 if TYPE_CHECKING:
@@ -91,8 +92,7 @@ class HostSlots:
 
 @dataclass
 class BlobResult:
-    #: "transferred", "mounted" or "skipped" (already there)
-    action: str
+    action: BlobAction
     bytes: int = 0
 
 
@@ -238,17 +238,17 @@ def existing_blob(ctx: EngineContext, step: BlobStep) -> BlobResult | None:
             if other not in tried and other != repo:
                 tried.add(other)
                 if mount(other):
-                    return BlobResult("mounted")
+                    return BlobResult(BlobAction.MOUNTED)
     if retry.run(lambda: dest.blob_exists(desc)):
         if repo:
             ctx.locations.add(store, step.digest, repo)
-        return BlobResult("skipped")
+        return BlobResult(BlobAction.SKIPPED)
     if repo:
         for other in ctx.locations.where(store, step.digest):
             if other not in tried and other != repo:
                 tried.add(other)
                 if mount(other):
-                    return BlobResult("mounted")
+                    return BlobResult(BlobAction.MOUNTED)
     return None
 
 
@@ -268,7 +268,7 @@ def transfer_blob(ctx: EngineContext, step: BlobStep) -> BlobResult:
         # A failed attempt restarts the whole upload session: a streamed body cannot be replayed.
         with src.open_blob(desc) as chunks:
             dest.put_blob(desc, _stream(ctx, step.digest, chunks))
-        return BlobResult("transferred", desc.size)
+        return BlobResult(BlobAction.TRANSFERRED, desc.size)
 
     hosts = [
         n.reference.api_host for n in (ImageName.parse(step.source), ImageName.parse(step.destination)) if n.reference

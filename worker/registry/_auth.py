@@ -118,7 +118,9 @@ class Authenticator:
         if ch is None:
             return False
         if ch.scheme == "basic":
-            if self._basic or not (self._credentials and self._credentials.username):
+            # a first 401 is worth one retry with the credentials, even when another thread has just learnt
+            # that the host wants Basic (its request went out before); a 401 to a request that carried them is not
+            if attempt > 0 or not (self._credentials and self._credentials.username):
                 return False
             self._basic = True
             return True

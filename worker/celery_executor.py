@@ -1,0 +1,172 @@
+"""The Celery executor: a plan becomes a job in Redis and one task per blob step plus one finalizer per image.
+
+The embedded executor (``worker.engine.executor``) runs a plan on threads in one process; this one hands it to
+``ferry worker`` processes on any number of machines. Both run the same plan and report per-image outcomes with
+the same statuses (``worker.engine.status``).
+
+Enqueueing is all-or-nothing per image: a stop request (the producer's SIGINT/SIGTERM handler sets ``stop``) is
+honoured between images, never in the middle of one, and an image is marked ``enqueued`` only once all its tasks
+are sent. Images left out end ``cancelled`` (so the job still ends); ``ferry job retry`` sends them, and also any
+image whose producer died (SIGKILL) half-way (not marked ``enqueued``): tasks are idempotent, so sending an
+image's tasks again is harmless.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.engine.plan import BlobStep, ImagePlan, Plan
+from worker.engine.status import BlobAction, BlobStatus, ImageStatus, JobState
+from worker.state import ImageRecord, SharedState
+
+#: the reason given to images a stopped producer did not enqueue
+NOT_ENQUEUED = "not enqueued: the producer was stopped (ferry job retry JOB enqueues it)"
+
+
+@dataclass
+class EnqueueResult:
+    job_id: str
+    enqueued: list[str] = field(default_factory=list)
+    #: images not sent because the producer was asked to stop
+    left_out: list[str] = field(default_factory=list)
+
+    @property
+    def interrupted(self) -> bool:
+        return bool(self.left_out)
+
+
+class CeleryExecutor:
+    def __init__(self, state: SharedState) -> None:
+        self.state = state
+
+    def submit(
+        self, plan: Plan, kind: str, options: dict[str, Any], stop: threading.Event | None = None
+    ) -> EnqueueResult:
+        job_id = self.state.jobs.create(plan, kind, options)
+        return self.enqueue(job_id, plan, plan.images, stop)
+
+    def enqueue(
+        self,
+        job_id: str,
+        plan: Plan,
+        images: list[ImagePlan],
+        stop: threading.Event | None = None,
+        on_image: Callable[[ImagePlan], None] | None = None,
+    ) -> EnqueueResult:
+        """Send the tasks of ``images`` (blob steps already done are not sent again), image by image."""
+        from worker.celery_app import app
+        from worker.task_labels import image_label
+        from worker.tasks import copy_blob, finalize_image
+
+        jobs = self.state.jobs
+        result = EnqueueResult(job_id)
+        step_images = plan.step_images()
+        # a signing job signs up-to-date images too: their finalizer does
+        sign = "sign" in json.loads(jobs.options(job_id))
+        todo = [img for img in images if img.has_work(sign=sign)]
+        blob_ids = [sid for img in todo for sid in img.steps if isinstance(plan.steps[sid], BlobStep)]
+        states = jobs.blob_states(job_id, sorted(set(blob_ids)))
+        done = {sid for sid, s in states.items() if s.status == BlobStatus.DONE}
+        sent: set[str] = set()
+        with app.producer_or_acquire() as producer:
+            for n, img in enumerate(todo):
+                if stop is not None and stop.is_set():
+                    result.left_out = [i.id for i in todo[n:]]
+                    break
+                mine = 0
+                for sid in img.steps:
+                    step = plan.steps[sid]
+                    if not isinstance(step, BlobStep) or sid in sent or sid in done:
+                        continue
+                    sent.add(sid)
+                    mine += 1
+                    args = (
+                        job_id, img.id, step.id, step.source, step.destination, step.digest, step.size,
+                        step.media_type, step.mount_from, step_images.get(sid, [img.id]),
+                    )  # fmt: skip
+                    copy_blob.apply_async(args, producer=producer)
+                jobs.mark_enqueued(job_id, img.id)
+                if not mine and jobs.images_left(job_id, [img.id])[img.id] <= 0:
+                    # nothing of its own to copy (all done, or shared with an image sent before): finalize now
+                    label = image_label(job_id, img.destination, img.id)
+                    finalize_image.apply_async((job_id, img.id), producer=producer, argsrepr=label)
+                result.enqueued.append(img.id)
+                if on_image is not None:
+                    on_image(img)
+        for image_id in result.left_out:
+            jobs.end_image(job_id, image_id, ImageStatus.CANCELLED, NOT_ENQUEUED)
+        jobs.set_running(job_id)
+        jobs.end_if_all_ended(job_id)
+        return result
+
+    def retry(self, job_id: str, stop: threading.Event | None = None) -> EnqueueResult:
+        """Send again every image that has not ended well: failed, cancelled, pending, or cut half-way."""
+        jobs = self.state.jobs
+        plan = jobs.plan(job_id)
+        records = jobs.images(job_id)
+
+        def unfinished(rec: ImageRecord | None) -> bool:
+            # ended badly, never enqueued, or cut half-way through enqueueing (tasks sent, but not all)
+            return rec is not None and not rec.status.ok and (rec.status.ended or not rec.enqueued)
+
+        again = [img for img in plan.images if unfinished(records.get(img.id))]
+        if not again:
+            return EnqueueResult(job_id)
+        jobs.reset_for_retry(job_id, [img.id for img in again])
+        return self.enqueue(job_id, plan, again, stop)
+
+
+def job_summary(state: SharedState, job_id: str) -> dict[str, Any]:
+    """The job as ``ferry job status --json`` shows it (and ``--summary-json`` writes it), with its live
+    progress: bytes in flight, rate, ETA, and the transfers running now with their workers (``worker.telemetry``).
+    """
+    from worker import telemetry
+
+    jobs = state.jobs
+    job = jobs.job(job_id)
+    images = jobs.images(job_id)
+    blobs = jobs.blobs(job_id)
+    progress = telemetry.job_progress(state.r, job_id, {sid: b.to_json() for sid, b in blobs.items()})
+    done = [b for b in blobs.values() if b.state.status == BlobStatus.DONE]
+    ordered = sorted(images.values(), key=lambda i: (len(i.id), i.id))
+    return {
+        "id": job_id,
+        "kind": job.kind,
+        "state": job.state.value,
+        "created": job.created,
+        "finished": job.finished,
+        "touched": job.touched,
+        "blobs_total": len(blobs),
+        "blobs_done": len(done),
+        "blobs_running": sum(1 for b in blobs.values() if b.state.status == BlobStatus.RUNNING),
+        "blobs_retrying": sum(1 for b in blobs.values() if b.state.status == BlobStatus.RETRYING),
+        "blobs_transferred": sum(1 for b in done if b.state.action == BlobAction.TRANSFERRED),
+        "blobs_mounted": sum(1 for b in done if b.state.action == BlobAction.MOUNTED),
+        "blobs_skipped": sum(1 for b in done if b.state.action == BlobAction.SKIPPED),
+        "bytes_total": sum(b.size for b in blobs.values()),
+        "bytes_transferred": sum(b.state.bytes for b in done),
+        "images_total": len(images),
+        "images_done": sum(1 for i in images.values() if i.status.ok),
+        "images_failed": sum(1 for i in images.values() if i.status == ImageStatus.FAILED),
+        "images_cancelled": sum(1 for i in images.values() if i.status == ImageStatus.CANCELLED),
+        "images": [i.to_json() for i in ordered],
+        "failed": [
+            {"source": i.source, "destination": i.destination, "error": i.error}
+            for i in ordered
+            if i.status == ImageStatus.FAILED
+        ],
+        "cancelled": [
+            {"source": i.source, "destination": i.destination, "error": i.error}
+            for i in ordered
+            if i.status == ImageStatus.CANCELLED
+        ],
+        "ended": JobState(job.state).ended,
+        **progress,
+    }
+
+
+__all__ = ["NOT_ENQUEUED", "CeleryExecutor", "EnqueueResult", "job_summary"]
