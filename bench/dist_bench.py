@@ -62,7 +62,7 @@ from bench.copy_bench import (
     process_cpu_s,
     run_measured,
 )
-from bench.link import Links
+from bench.wan_bench import Links
 from tests.harness.images import Image, StreamLayer, blob_exists, build_image, fetch_manifest, make_stream_layer
 from tests.harness.images import push_image as harness_push_image
 from tests.harness.servers import RedisServer, RegistryServer, start_redis, start_registry, stop_all
@@ -488,13 +488,13 @@ class Bench:
         self.n += 1
         dst_dir = self.work / f"dest-{self.n}"
         dst = start_registry(dst_dir)
-        proxy = self.links.open(dst.port) if self.links is not None else None
+        proxy = self.links.open(dst.port, self.args) if self.links is not None else None
         summary_path = self.work / f"summary-{self.n}.json"
         env = {**self.env, "FERRY_CACHE_DIR": str(self.work / f"ferry-cache-{self.n}")}
         try:
             if workers:
                 self.forget_locations()
-            dst_host = proxy.host if proxy is not None else dst.host
+            dst_host = f"127.0.0.1:{proxy.port}" if proxy is not None else dst.host
             argv = sync_argv(cfg, self.images, dst_host, summary_path, self.queue_url() if workers else None)
             rss = RssSampler({w.pid for w in workers})
             pgids = {w.pid for w in workers}
@@ -716,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
         "--conn-mbit", type=float, default=160.0, help="simulated link: Mbit/s per connection (default: 160)"
     )
     parser.add_argument(
-        "--total-mbit", type=float, default=10000.0, help="simulated link: Mbit/s in total (default: 10000)"
+        "--total-mbit", type=float, default=1000.0, help="simulated link: Mbit/s per proxy in total (default: 1000)"
     )
     parser.add_argument("--no-link", action="store_true", help="no simulated link: loopback straight")
     parser.add_argument(
@@ -764,13 +764,14 @@ def main(argv: list[str] | None = None) -> int:
         src = start_registry(work / "source")
         rds = start_redis(work / "redis")
         if not args.no_link:
-            links = Links(args.delay_ms, args.conn_mbit, args.total_mbit)
-            src_link = links.open(src.port)
+            links = Links()  # the simulated link of bench/wan_bench.py
+            src_link = links.open(src.port, args)
             print(
                 f"# simulated link: {args.delay_ms:g} ms each way, {args.conn_mbit:g} Mbit/s per connection, "
                 f"{args.total_mbit:g} Mbit/s in total, in front of the source and of every destination registry"
             )
-        images = seed_set(src, work, args.images, args.shared, args.layers, src_link.host if links else "")
+        yaml_host = f"127.0.0.1:{src_link.port}" if links else ""
+        images = seed_set(src, work, args.images, args.shared, args.layers, yaml_host)
         print(
             f"seeded {args.images} images into {src.host}/{SRC_PREFIX}/app-NN:{TAG} in {images.seeding_s:.1f}s: "
             f"{images.distinct_blobs} distinct blobs, {human_size(images.distinct_bytes)} to transfer "
