@@ -281,7 +281,9 @@ def _run(handler: Handler, args: argparse.Namespace) -> int:
     except FerryError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"Error: {_one_line(str(exc))}", file=sys.stderr)
+        # an error made of several problems (a sync file) prints one line per problem
+        for problem in getattr(exc, "problems", None) or (str(exc),):
+            print(f"Error: {_one_line(problem)}", file=sys.stderr)
         return EXIT_NOT_FOUND if image_not_found(exc) else EXIT_ERROR
     except BrokenPipeError:
         return EXIT_ERROR

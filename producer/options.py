@@ -172,19 +172,26 @@ def side_config(args: argparse.Namespace, prefix: str = "") -> SideConfig:
     def get(name: str) -> object:
         return getattr(args, key + name, None)
 
+    # a flag given with an empty value is given: "" never falls back to anonymous or the auth file
     creds_text = get("creds")
     username = get("username")
     password = get("password")
-    if get("no_creds") and (creds_text or username or password):
+    given = creds_text is not None or username is not None or password is not None
+    if get("no_creds") and given:
         raise InvalidInput(f"--{prefix}no-creds cannot be used with --{prefix}creds or --{prefix}username")
-    if creds_text and (username or password):
+    if creds_text is not None and (username is not None or password is not None):
         raise InvalidInput(f"--{prefix}creds and --{prefix}username/--{prefix}password cannot be used together")
     credentials = None
-    if creds_text:
-        credentials = parse_creds(str(creds_text))
-    elif username or password:
-        if not (username and password):
+    if creds_text is not None:
+        try:
+            credentials = parse_creds(str(creds_text))
+        except InvalidInput as exc:
+            raise InvalidInput(f"--{prefix}creds: {exc}") from None
+    elif username is not None or password is not None:
+        if username is None or password is None:
             raise InvalidInput(f"--{prefix}username and --{prefix}password must be given together")
+        if not username:
+            raise InvalidInput(f"--{prefix}username: the username can't be empty")
         credentials = Credentials(username=str(username), password=str(password))
     if get("daemon_host"):
         raise InvalidInput(f"--{prefix}daemon-host: Ferry has no docker-daemon: transport")

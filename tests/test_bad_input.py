@@ -133,3 +133,24 @@ def test_sync_keep_going_fails_only_the_malformed_image(
     name = f"{unique_repo}-mirror/{unique_repo.rsplit('/', 1)[1]}"  # skopeo's naming: DEST/last-path-element
     tags = httpx.get(f"{registry2.url}/v2/{name}/tags/list").json()["tags"]
     assert sorted(tags) == ["good1", "good2"]
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (("copy", "--src-creds=", "docker://127.0.0.1:1/a:b", "dir:{out}"), "--src-creds"),
+        (("copy", "--dest-creds", "", "docker://127.0.0.1:1/a:b", "dir:{out}"), "--dest-creds"),
+        (("copy", "--screds=", "docker://127.0.0.1:1/a:b", "dir:{out}"), "--src-creds"),
+        (("inspect", "--creds", "", "docker://127.0.0.1:1/a:b"), "--creds"),
+        (("list-tags", "--creds=", "docker://127.0.0.1:1/a"), "--creds"),
+        (("sync", "--src", "docker", "--dest", "dir", "--src-creds=", "127.0.0.1:1/a", "{out}"), "--src-creds"),
+        (("inspect", "--username", "", "--password", "x", "docker://127.0.0.1:1/a:b"), "--username"),
+    ],
+)
+def test_empty_credentials_are_refused(args: tuple[str, ...], flag: str, tmp_path: Path) -> None:
+    """skopeo: "credentials can't be empty"; an empty value must never mean anonymous (127.0.0.1:1 is never asked)."""
+    out = tmp_path / "out"
+    proc = run_ferry(*(a.format(out=out) for a in args), tmp_path=tmp_path)
+    assert_one_error(proc, f"{flag}: ", "can't be empty")
+    assert "refused" not in proc.stderr
+    assert not out.exists()

@@ -26,8 +26,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from worker.registry import (
     Credentials,
     Descriptor,
@@ -45,6 +43,7 @@ from .executor import PlanFeed, describe_error
 from .plan import CopyOptions, Planner, ResolvedImage, resolve_image
 from .semver import Constraint, Version
 from .steps import EngineContext
+from .syncfile import CatalogSpec, read_sync_file
 from .transports import ImageName, SideConfig
 
 log = logging.getLogger("ferry.sync")
@@ -355,52 +354,36 @@ def entry_side(entry: dict[str, Any], base: SideConfig, registry: str) -> SideCo
 
 
 def _discover_yaml(ctx: EngineContext, req: SyncRequest, out: Discovery) -> None:
-    try:
-        with open(req.source) as f:
-            cfg = yaml.safe_load(f)
-    except OSError as exc:
-        raise InvalidInput(f"cannot read sync file {req.source}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise InvalidInput(f"cannot parse sync file {req.source}: {' '.join(str(exc).split())}") from None
-    if cfg is None:
-        cfg = {}
-    if not isinstance(cfg, dict):
-        raise InvalidInput(f"sync file {req.source}: expected a mapping of registries")
+    entries = read_sync_file(req.source)  # every problem of the file, before anything is listed
     base_side = ctx.source_side
-    for registry, entry in cfg.items():
-        entry = entry or {}
-        if not isinstance(entry, dict):
-            raise InvalidInput(f"sync file {req.source}: entry {registry!r} must be a mapping")
-        side = entry_side(entry, base_side, str(registry))
+    for entry in entries:
+        registry = entry.registry
+        side = replace(base_side)
+        if entry.tls_verify is not None:
+            side.tls_verify = entry.tls_verify
+        if entry.cert_dir:
+            side.cert_dir = entry.cert_dir
+        if entry.credentials is not None:
+            side.credentials = entry.credentials
         host = Reference.parse(f"{registry}/x").registry
         out.sides[host] = side
         ctx.source_sides[host] = side
-        rules = _rules(entry, registry)
+        rules = EntryRules(list(entry.exclude_tags), entry.platforms, entry.keep_latest, entry.keep_latest_by)
         options = replace(req.options, platforms=rules.platforms) if rules.platforms else None
-        try:
-            for repo, refs in (entry.get("images") or {}).items():
-                ref = Reference.parse(f"{registry}/{repo}", default_tag=False)
-                _discover_repo(ctx, req, out, ref, tags=list(refs or []) or None, rules=rules, options=options)
-            for repo, pattern in (entry.get("images-by-tag-regex") or {}).items():
-                ref = Reference.parse(f"{registry}/{repo}", default_tag=False)
-                _discover_repo(
-                    ctx, req, out, ref, tags=None, tag_filter=_regex_filter(_regex(pattern, registry, repo)),
-                    rules=rules, options=options,
-                )  # fmt: skip
-            for repo, constraint in (entry.get("images-by-semver") or {}).items():
-                ref = Reference.parse(f"{registry}/{repo}", default_tag=False)
-                if isinstance(constraint, list):  # skopeo's manual shows a list of constraints: any of them
-                    constraint = " || ".join(f"{c}" for c in constraint)
-                _discover_repo(
-                    ctx, req, out, ref, tags=None, tag_filter=_semver_filter(Constraint(str(constraint))),
-                    rules=rules, options=options,
-                )  # fmt: skip
-            catalog = entry.get("catalog")
-            if catalog is not None:
-                _discover_catalog(ctx, req, out, registry, catalog, rules, options)
-        except InvalidReference as exc:
-            raise InvalidInput(f"sync file {req.source}: {exc}") from None
-        if not any(entry.get(k) for k in ("images", "images-by-tag-regex", "images-by-semver")) and catalog is None:
+        for repo, tags in entry.images.items():
+            ref = Reference.parse(f"{registry}/{repo}", default_tag=False)
+            _discover_repo(ctx, req, out, ref, tags=tags or None, rules=rules, options=options)
+        for repo, pattern in entry.images_by_tag_regex.items():
+            ref = Reference.parse(f"{registry}/{repo}", default_tag=False)
+            _discover_repo(ctx, req, out, ref, tags=None, tag_filter=_regex_filter(pattern), rules=rules,
+                           options=options)  # fmt: skip
+        for repo, constraint in entry.images_by_semver.items():
+            ref = Reference.parse(f"{registry}/{repo}", default_tag=False)
+            _discover_repo(ctx, req, out, ref, tags=None, tag_filter=_semver_filter(constraint), rules=rules,
+                           options=options)  # fmt: skip
+        if entry.catalog is not None:
+            _discover_catalog(ctx, req, out, registry, entry.catalog, rules, options)
+        if not entry.selects_images:
             out.warnings.append(f"no images specified for registry {registry}")
 
 
@@ -416,53 +399,28 @@ def _semver_filter(c: Constraint) -> Callable[[str], bool]:
     return check
 
 
-def _regex(pattern: Any, registry: str, repo: str) -> re.Pattern[str]:
-    try:
-        return re.compile(str(pattern))
-    except re.error as exc:
-        raise InvalidInput(f"invalid tag regex for {registry}/{repo}: {exc}") from None
-
-
-def _rules(entry: dict[str, Any], registry: str) -> EntryRules:
-    rules = EntryRules()
-    excludes = entry.get("exclude-tags") or []
-    if isinstance(excludes, str):
-        excludes = [excludes]
-    rules.exclude = [_regex(p, registry, "*") for p in excludes]
-    rules.platforms = tuple(Platform.parse(str(p)) for p in entry.get("platforms") or [])
-    keep = entry.get("keep-latest")
-    if keep is not None:
-        if not isinstance(keep, int) or keep < 1:
-            raise InvalidInput(f"{registry}: keep-latest must be a positive number")
-        rules.keep_latest = keep
-    rules.keep_latest_by = str(entry.get("keep-latest-by") or "semver")
-    if rules.keep_latest_by not in ("semver", "created"):
-        raise InvalidInput(f"{registry}: keep-latest-by must be 'semver' or 'created'")
-    return rules
-
-
 def _discover_catalog(
     ctx: EngineContext,
     req: SyncRequest,
     out: Discovery,
     registry: str,
-    catalog: Any,
+    catalog: CatalogSpec,
     rules: EntryRules,
     options: CopyOptions | None,
 ) -> None:
     """A whole registry (``catalog: {}``) or a namespace (``catalog: {prefix: team/}``) via ``_catalog``."""
-    spec = catalog if isinstance(catalog, dict) else {"prefix": str(catalog or "")}
-    prefix = str(spec.get("prefix") or "")
-    tag_rx = _regex(spec["tags"], registry, "*") if spec.get("tags") else None
     host = Reference.parse(f"{registry}/x").registry
     client = ctx.pool.client(Reference.parse(f"{registry}/x"), ctx.source_sides.get(host, ctx.source_side))
     # each page's repositories are listed (in parallel) while the next page is read
     for page in client.catalog_pages():
         for repo in page:
-            if prefix and not repo.startswith(prefix):
+            if catalog.prefix and not repo.startswith(catalog.prefix):
                 continue
-            ref = Reference.parse(f"{registry}/{repo}", default_tag=False)
-            flt = _regex_filter(tag_rx) if tag_rx is not None else None
+            try:
+                ref = Reference.parse(f"{registry}/{repo}", default_tag=False)
+            except InvalidReference as exc:
+                raise InvalidInput(f"the catalog of {registry} names an invalid repository: {exc}") from None
+            flt = _regex_filter(catalog.tags) if catalog.tags is not None else None
             _discover_repo(ctx, req, out, ref, tags=None, tag_filter=flt, rules=rules, options=options)
 
 
