@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from producer.progress import LiveProgress
-from tests.harness.images import build_image, push_image
+from tests.harness.images import build_image, make_layer, push_image
 from tests.harness.servers import RegistryServer
 from worker.engine.copy import CopyJob, build_plan
 from worker.engine.executor import EmbeddedExecutor, ImageOutcome, PlanFeed, Report
@@ -403,3 +403,33 @@ def test_live_progress_counts_images_and_shows_transfers_in_flight() -> None:
     written = out.getvalue()
     assert written.count("images 2/3") == 1
     assert written.count("Failed s1 -> d1") == 0  # frame() above already took it: each failure is printed once
+
+
+def test_no_request_for_a_blob_the_plan_already_put_in_the_repository(
+    registry: RegistryServer, registry2: RegistryServer, unique_repo: str
+) -> None:
+    shared = make_layer(f"shared-{unique_repo}", 3000)
+    for tag in ("a", "b", "c"):
+        push_image(registry.url, unique_repo, tag, build_image(f"{unique_repo}-{tag}", layers=[shared, 500], fmt="oci"))
+    counting = Lying([])  # no faults: it only counts
+    ctx = EngineContext(
+        source_side=SideConfig(tls_verify=False),
+        dest_side=SideConfig(tls_verify=False, transport=counting),
+        locations=MemoryBlobLocations(),
+    )
+    jobs = [
+        CopyJob(
+            ImageName.parse(f"docker://{registry.host}/{unique_repo}:{t}"),
+            ImageName.parse(f"docker://{registry2.host}/{unique_repo}:{t}"),
+        )
+        for t in ("a", "b", "c")
+    ]
+    try:
+        plan, _ = build_plan(ctx, jobs, CopyOptions())
+        report = EmbeddedExecutor(ctx, parallel=4).run(plan)
+    finally:
+        ctx.close()
+    assert report.ok and report.blobs_transferred == 7 and report.blobs_skipped == 2
+    # the shared layer: one HEAD and one upload for the first tag; nothing at all for the other two
+    assert counting.count("HEAD", f"/blobs/{shared.digest}$") == 1
+    assert counting.count("PUT", r"/blobs/uploads/") == 7

@@ -256,7 +256,7 @@ class EmbeddedExecutor:
                 raise Cancelled("copy interrupted")
             self.events.step_started(step)
             if isinstance(step, BlobStep):
-                return run_blob_step(self.ctx, step)
+                return run_blob_step(self.ctx, step, deps_done=True)
             run_manifest_step(self.ctx, step)
             return None
 

@@ -194,9 +194,13 @@ def _stream(ctx: EngineContext, digest: str, chunks: Iterator[bytes]) -> Iterato
         yield chunk
 
 
-def run_blob_step(ctx: EngineContext, step: BlobStep) -> BlobResult:
-    """Make the blob exist at the destination: skip if there, else mount, else stream it across."""
-    return existing_blob(ctx, step) or transfer_blob(ctx, step)
+def run_blob_step(ctx: EngineContext, step: BlobStep, *, deps_done: bool = False) -> BlobResult:
+    """Make the blob exist at the destination: skip if there, else mount, else stream it across.
+
+    ``deps_done``: the caller ran this step only after the steps it depends on succeeded (the embedded
+    executor; Celery does not order blob tasks).
+    """
+    return existing_blob(ctx, step, deps_done=deps_done) or transfer_blob(ctx, step)
 
 
 def blob_store(step: BlobStep) -> str:
@@ -204,13 +208,15 @@ def blob_store(step: BlobStep) -> str:
     return _store_of(ImageName.parse(step.destination))[0]
 
 
-def existing_blob(ctx: EngineContext, step: BlobStep) -> BlobResult | None:
+def existing_blob(ctx: EngineContext, step: BlobStep, *, deps_done: bool = False) -> BlobResult | None:
     """Skip the blob when the destination has it, or mount it from a repository known to hold it.
 
     Requests go only where they can tell something new. When this plan already put the blob into another
     repository of the same registry (``mount_from``), or source and destination share a registry, a mount
     answers both questions at once (``201`` also when the repository has the blob), so no HEAD is sent
-    first. Otherwise one HEAD, then mounts from repositories the location map knows.
+    first. When it already put the blob into this same repository (another tag), and that step is done
+    (``deps_done``), nothing is sent at all. Otherwise one HEAD, then mounts from repositories the location
+    map knows.
     """
     desc = step.descriptor
     dest_name = ImageName.parse(step.destination)
@@ -227,6 +233,9 @@ def existing_blob(ctx: EngineContext, step: BlobStep) -> BlobResult | None:
             log.info("mount of %s from %s refused (%s); uploading", step.digest, other, exc)
         return False
 
+    if deps_done and repo and step.deps and not step.mount_from:
+        # the step this one depends on put the blob into this same repository (another tag of it): it is there
+        return BlobResult("skipped")
     tried: set[str] = set()
     if repo:
         sure = [step.mount_from] if step.mount_from else []
