@@ -235,7 +235,7 @@ def existing_blob(ctx: EngineContext, step: BlobStep, *, deps_done: bool = False
 
     if deps_done and repo and step.deps and not step.mount_from:
         # the step this one depends on put the blob into this same repository (another tag of it): it is there
-        return BlobResult("skipped")
+        return BlobResult(BlobAction.SKIPPED)
     tried: set[str] = set()
     if repo:
         sure = [step.mount_from] if step.mount_from else []
