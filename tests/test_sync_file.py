@@ -127,3 +127,28 @@ def test_cli_prints_one_line_per_problem_and_writes_nothing(tmp_path: Path) -> N
     proc = run_ferry("sync", "--src", "yaml", "--dest", "dir", str(sync_file), str(out), tmp_path=tmp_path)
     assert proc.returncode == 1 and proc.stderr == f"Error: sync file {sync_file}: not a YAML text file (not UTF-8)\n"
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            b"127.0.0.1:1:\n  credentials: 'user:pw'\n  images: {app: {}}\n",
+            "credentials must be a mapping with username and password",
+        ),
+        (
+            b"127.0.0.1:1:\n  credentials: {username: '', password: x}\n  images: {app: {}}\n",
+            "credentials need a non-empty username",
+        ),
+        (b"127.0.0.1:1:\n  cert-dir: [a]\n  images: {app: {}}\n", "cert-dir must be a directory path"),
+        (bytes(range(256)), "not a YAML text file"),
+    ],
+)
+def test_prune_policy_file_refuses_what_it_would_ignore(tmp_path: Path, text: bytes, message: str) -> None:
+    """The policy file shares the registry settings of a sync file: a wrong shape is one error, not ignored."""
+    policy = tmp_path / "policy.yml"
+    policy.write_bytes(text)
+    proc = run_ferry("prune", "--policy", str(policy), tmp_path=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("Error: ") == 1 and message in proc.stderr, proc.stderr
+    assert "refused" not in proc.stderr and "internal error" not in proc.stderr

@@ -166,10 +166,12 @@ class Scope:
 def load_policy(path: str, base_side: SideConfig) -> list[Scope]:
     """Read a policy file: sync's YAML shape (registry -> ``images`` / ``catalog``) with retention keys."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             cfg = yaml.safe_load(f)
     except OSError as exc:
         raise InvalidInput(f"cannot read policy file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise InvalidInput(f"policy file {path}: not a YAML text file (not UTF-8)") from None
     except yaml.YAMLError as exc:
         raise InvalidInput(f"cannot parse policy file {path}: {' '.join(str(exc).split())}") from None
     if not isinstance(cfg, dict) or not cfg:

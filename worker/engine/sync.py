@@ -341,15 +341,23 @@ def _yaml_bool(value: Any, what: str) -> bool:
 
 
 def entry_side(entry: dict[str, Any], base: SideConfig, registry: str) -> SideConfig:
-    """A registry entry's own ``tls-verify``, ``cert-dir`` and ``credentials`` (sync and prune files)."""
+    """A policy file entry's own ``tls-verify``, ``cert-dir`` and ``credentials`` (prune; sync files use
+    ``syncfile``). A value of the wrong shape is an error, never silently ignored."""
     side = replace(base)
     if "tls-verify" in entry:
         side.tls_verify = _yaml_bool(entry["tls-verify"], f"{registry}: tls-verify")
-    if entry.get("cert-dir"):
-        side.cert_dir = str(entry["cert-dir"])
+    if entry.get("cert-dir") is not None:
+        if not isinstance(entry["cert-dir"], str):
+            raise InvalidInput(f"{registry}: cert-dir must be a directory path")
+        side.cert_dir = entry["cert-dir"]
     creds = entry.get("credentials")
-    if isinstance(creds, dict) and (creds.get("username") or creds.get("password")):
-        side.credentials = Credentials(username=str(creds.get("username", "")), password=str(creds.get("password", "")))
+    if creds is not None:
+        if not isinstance(creds, dict) or set(creds) - {"username", "password"}:
+            raise InvalidInput(f"{registry}: credentials must be a mapping with username and password")
+        username, password = creds.get("username"), creds.get("password", "")
+        if not isinstance(username, str) or not username or not isinstance(password, str):
+            raise InvalidInput(f"{registry}: credentials need a non-empty username and a password (strings)")
+        side.credentials = Credentials(username=username, password=password)
     return side
 
 
