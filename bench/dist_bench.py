@@ -2,6 +2,11 @@
 
 Run it with ``make bench-dist`` (or ``PYTHONPATH=. .venv/bin/python -m bench.dist_bench --help``).
 
+By default both registries sit behind ``bench/wan_bench.py``'s simulated link (20 ms each way, 160 Mbit/s per
+connection; ``--no-link`` for plain loopback) and workers use the threads pool (``--pool``). Each run also
+records the Redis commands per blob step and the peak RSS of every worker process, and (``--enqueue-images``)
+the time, producer memory and Redis memory per image of enqueueing a large synthetic job.
+
 What it does:
 
 1. starts a source ``docker-registry`` (distribution 2.8, from the test harness) and a ``redis-server`` on
