@@ -96,7 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     from . import trust_cmd
 
     trust_cmd.add_global_flags(parser)
-    parser.add_argument("--registries-conf", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--registries-conf", metavar="PATH", help="registries.conf to use (mirrors, prefix rewrites, blocked, insecure)"
+    )
+    parser.add_argument(
+        "--registries.d", dest="registries_d", metavar="DIR", help="registries.d directory (signature storage)"
+    )
     parser.add_argument("--tmpdir", help="directory for temporary files (archives)")
     parser.add_argument(
         "--command-timeout",
@@ -258,6 +263,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return EXIT_ERROR
     handler: Handler | None = getattr(args, "handler", None)
+    if handler is not None and getattr(args, "registries_d", None):
+        from .options import signature_storage
+
+        try:
+            signature_storage(args)  # a broken registries.d is an error up front, as in skopeo
+        except FerryError as exc:
+            print(f"Error: {_one_line(str(exc))}", file=sys.stderr)
+            return EXIT_ERROR
     if handler is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE

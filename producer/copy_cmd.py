@@ -45,7 +45,9 @@ def add_copy_flags(p: argparse.ArgumentParser) -> None:
         help="copy only these platforms of an index (repeatable); the index is rewritten to list just them",
     )
     add_bool(p, "--preserve-digests", help="fail rather than change any digest (no conversion, no subset)")
-    p.add_argument("--format", "-f", choices=("oci", "v2s2"), default=None, help="manifest format at the destination")
+    p.add_argument(
+        "--format", "-f", choices=("oci", "v2s1", "v2s2"), default=None, help="manifest format at the destination"
+    )
     add_bool(p, "--remove-signatures", help="do not copy signatures")
     trust_cmd.add_copy_flags(p)
     p.add_argument(
@@ -65,12 +67,19 @@ def add_copy_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--digestfile", metavar="PATH", help="write the digest of the written manifest to PATH")
     p.add_argument("--summary-json", metavar="PATH", help="write the run summary as JSON to PATH")
     add_bool(p, "--quiet", "-q", help="print nothing but errors")
-    # skopeo flags that change nothing here: Ferry never recompresses, so layers keep their bytes and digests
+    # skopeo's (re)compression flags: Ferry copies layers byte for byte, so these are refused in copy_options
     add_bool(p, "--dest-compress", help=argparse.SUPPRESS)
+    add_bool(p, "--dest-decompress", help=argparse.SUPPRESS)
     p.add_argument("--dest-compress-format", help=argparse.SUPPRESS)
     p.add_argument("--dest-compress-level", help=argparse.SUPPRESS)
+    add_bool(p, "--dest-force-compress-format", help=argparse.SUPPRESS)
+    # what Ferry always does: uncompressed layers stay uncompressed in oci:, digests are known before pushing
     add_bool(p, "--dest-oci-accept-uncompressed-layers", help=argparse.SUPPRESS)
     add_bool(p, "--dest-precompute-digests", help=argparse.SUPPRESS)
+    # ocicrypt: refused in copy_options
+    p.add_argument("--encryption-key", action="append", default=[], help=argparse.SUPPRESS)
+    p.add_argument("--encrypt-layer", action="append", default=[], help=argparse.SUPPRESS)
+    p.add_argument("--decryption-key", action="append", default=[], help=argparse.SUPPRESS)
     p.add_argument(
         "--queue",
         metavar="REDIS-URL",
@@ -104,7 +113,24 @@ def queue_url(args: argparse.Namespace) -> str | None:
     return url or None
 
 
-def copy_options(args: argparse.Namespace) -> CopyOptions:
+def refuse_unsupported(args: argparse.Namespace) -> None:
+    """skopeo flags Ferry cannot honour: a clear error, never a flag accepted and ignored."""
+    for flag in ("dest_compress", "dest_decompress", "dest_compress_format", "dest_compress_level"):
+        if getattr(args, flag, None):
+            name = "--" + flag.replace("_", "-")
+            raise InvalidInput(f"{name}: Ferry copies layers byte for byte and does not (re)compress them")
+    if getattr(args, "dest_force_compress_format", False):
+        raise InvalidInput("--dest-force-compress-format: Ferry copies layers byte for byte and does not recompress")
+    if getattr(args, "encryption_key", None) or getattr(args, "encrypt_layer", None):
+        raise InvalidInput("--encryption-key/--encrypt-layer: Ferry does not encrypt layers (ocicrypt)")
+    if getattr(args, "decryption_key", None):
+        raise InvalidInput("--decryption-key: Ferry does not decrypt layers (ocicrypt)")
+    if getattr(args, "format", None) == "v2s1":
+        raise InvalidInput("--format v2s1: Ferry does not write Docker schema 1 manifests (use v2s2 or oci)")
+
+
+def copy_options(args: argparse.Namespace, *, dest_transport: str | None = None) -> CopyOptions:
+    refuse_unsupported(args)
     multi: MultiArch = args.multi_arch or ("all" if args.all else "system")
     if args.all and args.multi_arch not in (None, "all"):
         raise InvalidInput("--all and --multi-arch cannot disagree")
@@ -112,12 +138,7 @@ def copy_options(args: argparse.Namespace) -> CopyOptions:
     if args.image_parallel_copies is not None and args.image_parallel_copies < 1:
         raise InvalidInput("--image-parallel-copies must be 1 or more")
     for tag in getattr(args, "additional_tag", []):
-        from worker.registry import Reference
-
-        try:
-            Reference.parse(f"x/y:{tag}")
-        except InvalidInput:
-            raise InvalidInput(f"invalid --additional-tag {tag!r}") from None
+        check_additional_tag(tag, dest_transport)
     return CopyOptions(
         multi_arch=multi,
         platforms=platforms,
@@ -163,6 +184,27 @@ def _shared_caps(url: str) -> dict[str, int]:
     except Exception:  # shared limits are a courtesy to the fleet's registries; a local run goes on without
         return {}
     return {host: lim.concurrency for host, lim in limits.items() if lim.concurrency}
+
+
+def check_additional_tag(tag: str, dest_transport: str | None) -> None:
+    """docker-archive: ``NAME:TAG`` (skopeo's rule: a tagged reference); a registry (Ferry's extension): a tag."""
+    from worker.registry import Reference
+
+    if dest_transport == "dir":
+        raise InvalidInput("--additional-tag: a dir: destination has no tags")
+    if dest_transport == "docker-archive":
+        last = tag.rsplit("/", 1)[-1]
+        try:
+            Reference.parse(tag)
+        except InvalidInput:
+            raise InvalidInput(f"invalid --additional-tag {tag!r}") from None
+        if ":" not in last or "@" in tag:
+            raise InvalidInput(f"additional-tag '{tag}' must be a tagged reference")
+        return
+    try:
+        Reference.parse(f"x/y:{tag}")
+    except InvalidInput:
+        raise InvalidInput(f"invalid --additional-tag {tag!r} (a tag; NAME:TAG is for docker-archive: only)") from None
 
 
 def engine_context(args: argparse.Namespace, *, trust: bool = True) -> EngineContext:
@@ -244,7 +286,7 @@ def interrupted(report: Report) -> int:
 def copy(args: argparse.Namespace) -> int:
     src = ImageName.parse(args.source)
     dest = ImageName.parse(args.destination)
-    options = copy_options(args)
+    options = copy_options(args, dest_transport=dest.transport)
     queue = queue_url(args)
     signing = trust_cmd.signing_config(args)
     trust_cmd.check_signable(signing, [str(dest)])

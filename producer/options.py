@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 from collections.abc import Sequence
 
+from worker.engine.registries_conf import RegistriesConf, RegistriesD, registries_d
+from worker.engine.registries_conf import load as load_registries
 from worker.engine.transports import SideConfig
 from worker.registry import Credentials, InvalidInput, RetryPolicy, parse_creds
 
@@ -215,6 +218,7 @@ def side_config(args: argparse.Namespace, prefix: str = "") -> SideConfig:
         authfile=get("authfile") or getattr(args, "authfile", None) or os.environ.get("REGISTRY_AUTH_FILE"),  # type: ignore[arg-type]
         no_creds=bool(get("no_creds")),
         user_agent=user_agent(args),
+        registries=registries_conf(args),
         shared_blob_dir=get("shared_blob_dir"),  # type: ignore[arg-type]
         retry=RetryPolicy(
             times=retry_times if retry_times is not None else 3, delay=getattr(args, "retry_delay", None)
@@ -237,3 +241,19 @@ def user_agent(args: argparse.Namespace) -> str:
 
     prefix = getattr(args, "user_agent_prefix", None)
     return f"{prefix} {USER_AGENT}" if prefix else USER_AGENT
+
+
+@functools.lru_cache(maxsize=8)
+def _load_registries(path: str | None) -> RegistriesConf:
+    return load_registries(path)
+
+
+def registries_conf(args: argparse.Namespace) -> RegistriesConf:
+    """``--registries-conf PATH``, else the default files (read once per process)."""
+    return _load_registries(getattr(args, "registries_conf", None))
+
+
+def signature_storage(args: argparse.Namespace) -> RegistriesD:
+    """The parsed registries.d (``--registries.d DIR`` or the default): lookaside and sigstore-attachment
+    settings per namespace, for signature code (``.for_reference(ref)``)."""
+    return registries_d(getattr(args, "registries_d", None))

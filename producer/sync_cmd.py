@@ -97,10 +97,12 @@ def sync(args: argparse.Namespace) -> int:
     quiet = args.quiet
     parallel = max(streams(args), 8)
     try:
-        if signing is None and not args.dry_run and not queued:
+        if signing is None and not args.dry_run and not queued and args.dest != "dir":
             # signing re-resolves images already there (to sign them if unsigned): that path plans first
             return _sync_embedded(args, ctx, req, memo)
         disc = discover(ctx, req, parallel=parallel)
+        if args.dest == "dir" and not args.dry_run:
+            _refuse_existing_dirs(disc.items)
         for w in disc.warnings:
             print(f"Warning: {w}", file=sys.stderr)
         checked = check(ctx, disc.items, req, memo, parallel=parallel, tag_lists=disc.tag_lists)
@@ -271,6 +273,15 @@ def _finish(
     if report.cancelled_images:
         return interrupted(report)
     return 0 if verified_report is None or verified_report.ok else 1
+
+
+def _refuse_existing_dirs(items: list[Any]) -> None:
+    """skopeo sync never writes into an existing directory (cmd/skopeo/sync.go destinationReference)."""
+    import os
+
+    for item in items:
+        if item.destination.transport == "dir" and os.path.lexists(item.destination.details):
+            raise InvalidInput(f"Refusing to overwrite destination directory {json.dumps(item.destination.details)}")
 
 
 def _remember(

@@ -76,8 +76,11 @@ def inspect(args: argparse.Namespace) -> int:
 
 def list_tags(args: argparse.Namespace) -> int:
     name = ImageName.parse(args.repository)
+    if name.transport == "docker-archive":
+        _write(go_json({"Tags": _archive_tags(name)}) + "\n")
+        return 0
     if name.transport != "docker":
-        raise InvalidInput(f"list-tags supports only docker:// repositories, not {name.transport}:")
+        raise InvalidInput(f"list-tags reads docker:// repositories and docker-archive: files, not {name.transport}:")
     assert name.reference is not None
     ref = name.reference
     if ref.digest is not None or (
@@ -92,6 +95,29 @@ def list_tags(args: argparse.Namespace) -> int:
         pool.close()
     _write(go_json({"Repository": ref.name, "Tags": tags}) + "\n")
     return 0
+
+
+def _archive_tags(name: ImageName) -> list[str]:
+    """skopeo's list-tags for docker-archive: every item's RepoTags (normalised), ``@N`` for an untagged one."""
+    from worker.engine.transports.docker_archive import DockerArchiveSource, parse_docker_archive_spec
+
+    path, ref = parse_docker_archive_spec(name.details)
+    if ref is not None:
+        raise InvalidInput(f"list-tags {name}: a docker-archive is listed by its path alone, without :{ref}")
+    tags: list[str] = []
+    src = DockerArchiveSource(path, None)
+    try:
+        for i, item in enumerate(src.items):
+            found = []
+            for tag in item.get("RepoTags") or []:
+                try:
+                    found.append(str(Reference.parse(str(tag), default_tag=False)))
+                except InvalidInput as exc:
+                    raise InvalidInput(f"{name}: invalid tag {tag!r} in manifest.json: {exc}") from None
+            tags += found or [f"@{i}"]
+    finally:
+        src.close()
+    return tags
 
 
 def _last(text: str) -> str:

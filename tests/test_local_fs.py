@@ -20,7 +20,7 @@ import pytest
 
 from worker.engine.transports._archive import TarWriter, decompress, detect_compression
 from worker.engine.transports.dir import DirDestination, DirSource
-from worker.registry import Descriptor, Digest, IntegrityError, MediaType, Unsupported
+from worker.registry import Descriptor, Digest, IntegrityError, MediaType
 from worker.registry import _fs as fs
 
 
@@ -277,5 +277,15 @@ def test_detect_compression_others() -> None:
     assert detect_compression(b"\x28\xb5\x2f\xfd\x00\x00") == "zstd"
     assert detect_compression(PLAIN[:6]) is None
     assert detect_compression(b"") is None
-    with pytest.raises(Unsupported, match="zstd"):
+    with pytest.raises(IntegrityError, match="invalid zstd data"):
         list(decompress(iter([b"\x28\xb5\x2f\xfd"]), "zstd", "layer"))
+
+
+def test_zstd_decompresses_every_frame_and_refuses_a_cut_one() -> None:
+    import zstandard
+
+    packed = zstandard.ZstdCompressor().compress(PLAIN[:1000]) + zstandard.ZstdCompressor().compress(PLAIN[1000:])
+    pieces = [packed[i : i + 777] for i in range(0, len(packed), 777)]
+    assert b"".join(decompress(iter(pieces), "zstd", "layer")) == PLAIN
+    with pytest.raises(IntegrityError, match="ends before the end of its frame"):
+        b"".join(decompress(iter([packed[:-5]]), "zstd", "layer"))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -12,6 +13,7 @@ from worker.registry import (
     USER_AGENT,
     ClientOptions,
     Credentials,
+    FerryError,
     InvalidInput,
     Reference,
     RegistryClient,
@@ -20,9 +22,19 @@ from worker.registry import (
     resolve_credentials,
 )
 
+from ..registries_conf import RegistriesConf
 from .base import ImageDestination, ImageSource
 
+log = logging.getLogger("ferry.transports")
+
 TRANSPORTS = ("docker", "oci", "oci-archive", "dir", "docker-archive")
+#: skopeo's other transports, refused by name
+_OTHER_TRANSPORTS = {
+    "sif": "Singularity image files",
+    "docker-daemon": "a local Docker daemon",
+    "containers-storage": "a local containers/storage store",
+    "ostree": "OSTree repositories",
+}
 
 
 @dataclass(frozen=True)
@@ -36,6 +48,10 @@ class ImageName:
     @classmethod
     def parse(cls, text: str) -> ImageName:
         transport, sep, details = text.partition(":")
+        if sep and transport in _OTHER_TRANSPORTS:
+            raise InvalidInput(
+                f"{text}: Ferry does not support the {transport}: transport ({_OTHER_TRANSPORTS[transport]})"
+            )
         if not sep or transport not in TRANSPORTS:
             known = ", ".join(f"{t}:" for t in TRANSPORTS)
             raise InvalidInput(f"invalid image name {text!r}: expected TRANSPORT:DETAILS with one of {known}")
@@ -69,6 +85,8 @@ class SideConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     chunk_size: int | None = None
     user_agent: str = USER_AGENT
+    #: registries.conf (mirrors, prefix rewrites, blocked and insecure registries); None: not applied
+    registries: RegistriesConf | None = None
     #: skopeo's ``--shared-blob-dir``: an oci: layout keeps its blobs there instead of in its own blobs/
     shared_blob_dir: str | None = None
     #: shared throttling across processes (the workers back it with Redis)
@@ -178,11 +196,31 @@ def _local(name: ImageName, *, write: bool, shared_blob_dir: str | None = None) 
     return opened
 
 
+def _endpoint_side(side: SideConfig, insecure: bool) -> SideConfig:
+    """registries.conf ``insecure = true`` turns TLS off for that endpoint unless a flag said otherwise."""
+    if insecure and side.tls_verify is None:
+        return replace(side, tls_verify=False)
+    return side
+
+
 def open_source(name: ImageName, side: SideConfig, pool: ClientPool | None = None) -> ImageSource:
     if name.reference is not None:
         from .registry import RegistrySource
 
-        return RegistrySource(name.reference, (pool or ClientPool()).client(name.reference, side))
+        pool = pool or ClientPool()
+        if side.registries is None:
+            return RegistrySource(name.reference, pool.client(name.reference, side))
+        # registries.conf: mirrors first (the first that has the image), then the primary location
+        sources = side.registries.pull_sources(name.reference)
+        for ref, insecure in sources[:-1]:
+            try:
+                mirror = RegistrySource(ref, pool.client(ref, _endpoint_side(side, insecure)))
+                if mirror.head_manifest() is not None:
+                    return mirror
+            except FerryError as exc:
+                log.info("mirror %s of %s not used: %s", ref, name.reference, exc)
+        ref, insecure = sources[-1]
+        return RegistrySource(ref, pool.client(ref, _endpoint_side(side, insecure)))
     src = _local(name, write=False, shared_blob_dir=side.shared_blob_dir)
     assert isinstance(src, ImageSource)
     return src
@@ -192,7 +230,10 @@ def open_destination(name: ImageName, side: SideConfig, pool: ClientPool | None 
     if name.reference is not None:
         from .registry import RegistryDestination
 
-        return RegistryDestination(name.reference, (pool or ClientPool()).client(name.reference, side))
+        ref, insecure = (
+            (name.reference, False) if side.registries is None else side.registries.push_target(name.reference)
+        )
+        return RegistryDestination(ref, (pool or ClientPool()).client(ref, _endpoint_side(side, insecure)))
     dest = _local(name, write=True, shared_blob_dir=side.shared_blob_dir)
     assert isinstance(dest, ImageDestination)
     return dest

@@ -53,7 +53,6 @@ from worker.registry import (
     MediaType,
     NotFound,
     Reference,
-    Unsupported,
     load_json,
     verify_stream,
 )
@@ -512,6 +511,7 @@ class DockerArchiveDestination(ImageDestination):
                 f"{self.description}: destination reference must not contain a manifest index @{parsed.index}"
             )
         self._reference = parsed.reference
+        self._extra_tags: list[Reference] = []
         special = self._check_target()
         self._committed = False
         self._closed = False
@@ -554,10 +554,6 @@ class DockerArchiveDestination(ImageDestination):
         what = f"{self.description}: blob {desc.digest}"
         head, stream = peek(verify_stream(chunks, desc))
         kind = None if desc.media_type in _CONFIG_TYPES else detect_compression(head)
-        if kind == "zstd":
-            raise Unsupported(
-                f"{what}: docker-archive stores uncompressed layers and zstd decompression is not supported"
-            )
         plain = stream if kind is None else decompress(stream, kind, what)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self._staging)
         try:
@@ -627,6 +623,13 @@ class DockerArchiveDestination(ImageDestination):
         if self._image is not None and self._image != image:
             raise ManifestError(f"{self.description}: a docker-archive destination holds one image")
         self._image = image
+        if isinstance(ref, str) and ref:
+            # an additional NAME:TAG (skopeo's --additional-tag): another RepoTags entry for the same image
+            extra = _parse_ref(ref).reference
+            if extra is None or extra.tag is None:
+                raise InvalidReference(f"{self.description}: additional tag {ref!r} must be NAME:TAG")
+            if extra not in self._extra_tags and extra != self._reference:
+                self._extra_tags.append(extra)
 
     def commit(self) -> None:
         self._check_open()
@@ -667,12 +670,15 @@ class DockerArchiveDestination(ImageDestination):
             w.add_symlink(f"{layer_id}/{_LEGACY_LAYER}", f"../{d.hex}.tar")
             w.add_bytes(f"{layer_id}/{_LEGACY_VERSION}", b"1.0")
             w.add_bytes(f"{layer_id}/{_LEGACY_CONFIG}", layer_json)
-        tags = [] if self._reference is None else [f"{self._reference.name}:{self._reference.tag}"]
+        refs = ([] if self._reference is None else [self._reference]) + self._extra_tags
+        tags = [f"{r.name}:{r.tag}" for r in refs]
         item = {"Config": f"{config_digest.hex}.json", "RepoTags": tags, "Layers": [f"{d.hex}.tar" for d in diffs]}
         w.add_bytes(_MANIFEST, _go_json([item]))
         repositories: dict[str, dict[str, str]] = {}
-        if self._reference is not None and legacy:
-            repositories[self._reference.name] = {str(self._reference.tag): legacy[-1][0]}
+        for r in refs if legacy else []:
+            repositories.setdefault(r.name, {})[str(r.tag)] = legacy[-1][0]
+        # Go marshals a map with its keys sorted
+        repositories = {k: dict(sorted(v.items())) for k, v in sorted(repositories.items())}
         w.add_bytes(_REPOSITORIES, _go_json(repositories))
         w.close()
 

@@ -97,8 +97,6 @@ class _TarReader:
             raise InvalidInput(f"OCI archive {archive} is a directory (use oci:{archive} for a layout)") from None
         path = archive
         kind = detect_compression(magic)
-        if kind == "zstd":
-            raise InvalidInput(f"OCI archive {archive} is zstd-compressed; decompress it first")
         if kind is not None:
             path = self._decompressed = self._decompress(archive, kind, tmp_dir)
         try:

@@ -1,0 +1,134 @@
+"""registries.conf with two real registries as primary and mirror, ferry and skopeo 1.9 given the same file.
+
+The mirror holds a different image under the same name, so which registry answered shows in the digest.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+
+import pytest
+
+from tests.harness.images import build_image, push_image
+from tests.harness.servers import RegistryServer
+from tests.test_skopeo_flags import both, ferry
+from worker.engine.registries_conf import load, registries_d
+from worker.registry import InvalidInput, Reference
+
+
+@pytest.fixture(scope="module")
+def setup(registry: RegistryServer, registry2: RegistryServer, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    repo = f"test/mirror-{secrets.token_hex(3)}"
+    primary = push_image(registry.url, repo, "v1", build_image("conf-primary", layers=[200]))
+    push_image(registry.url, repo, "only-primary", build_image("conf-primary", layers=[200]))
+    mirrored = push_image(registry2.url, repo, "v1", build_image("conf-mirror", layers=[300]))
+    conf = tmp_path_factory.mktemp("conf") / "registries.conf"
+    conf.write_text(
+        f"""
+unqualified-search-registries = ["docker.io"]
+
+[[registry]]
+prefix = "{registry.host}"
+location = "{registry.host}"
+insecure = true
+[[registry.mirror]]
+location = "{registry2.host}"
+insecure = true
+
+[[registry]]
+prefix = "example.invalid/team"
+location = "{registry.host}/test"
+insecure = true
+
+[[registry]]
+prefix = "{registry.host}/test/blocked"
+location = "{registry.host}/test/blocked"
+blocked = true
+
+[aliases]
+"short" = "{registry.host}/{repo}"
+"""
+    )
+    return {"repo": repo, "primary": str(primary), "mirror": str(mirrored), "conf": str(conf)}
+
+
+def digest(out: str) -> str:
+    return str(json.loads(out)["Digest"])
+
+
+def test_mirror_first_then_primary(registry: RegistryServer, setup: dict) -> None:
+    conf = setup["conf"]
+    # no --tls-verify: registries.conf marks both plain-HTTP registries insecure
+    f, s = both("--registries-conf", conf, "inspect", "--no-tags", f"docker://{registry.host}/{setup['repo']}:v1")
+    assert (f.returncode, s.returncode) == (0, 0), (f.stderr, s.stderr)
+    assert digest(f.stdout) == digest(s.stdout) == setup["mirror"]
+    # the mirror lacks this tag: both fall back to the primary
+    name = f"docker://{registry.host}/{setup['repo']}:only-primary"
+    f, s = both("--registries-conf", conf, "inspect", "--no-tags", name)
+    assert (f.returncode, s.returncode) == (0, 0), (f.stderr, s.stderr)
+    assert digest(f.stdout) == digest(s.stdout) == setup["primary"]
+
+
+def test_copy_pulls_from_the_mirror(registry: RegistryServer, setup: dict, tmp_path: Path) -> None:
+    src = f"docker://{registry.host}/{setup['repo']}:v1"
+    f, s = both("--registries-conf", setup["conf"], "copy", src, f"dir:{tmp_path}/{{tool}}")
+    assert (f.returncode, s.returncode) == (0, 0), (f.stderr, s.stderr)
+    assert (tmp_path / "ferry" / "manifest.json").read_bytes() == (tmp_path / "skopeo" / "manifest.json").read_bytes()
+
+
+def test_prefix_rewrite(setup: dict) -> None:
+    name = f"docker://example.invalid/team/{setup['repo'].split('/', 1)[1]}:only-primary"
+    f, s = both("--registries-conf", setup["conf"], "inspect", "--no-tags", name)
+    assert (f.returncode, s.returncode) == (0, 0), (f.stderr, s.stderr)
+    assert digest(f.stdout) == digest(s.stdout) == setup["primary"]
+
+
+def test_blocked_registry_is_refused(registry: RegistryServer, setup: dict, tmp_path: Path) -> None:
+    name = f"docker://{registry.host}/test/blocked/x:1"
+    f, s = both("--registries-conf", setup["conf"], "inspect", name)
+    assert f.returncode == s.returncode == 1
+    assert "blocked" in s.stderr and f.stderr.startswith("Error: ") and "blocked" in f.stderr
+    run = ferry("--registries-conf", setup["conf"], "copy", f"dir:{tmp_path}/none", name)
+    assert run.returncode == 1
+
+
+def test_docker_names_never_use_aliases(setup: dict) -> None:
+    """As in skopeo, docker:// names are always qualified: ``short`` is docker.io/library/short, not the alias."""
+    conf = load(setup["conf"])
+    assert conf.aliases["short"].endswith(setup["repo"])
+    assert conf.unqualified_search_registries == ["docker.io"]
+    assert conf.entry_for(Reference.parse("short")) is None
+
+
+def test_bad_files_are_one_line_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.conf"
+    bad.write_text("[[registry]\n")
+    run = ferry("--registries-conf", str(bad), "inspect", "docker://localhost:1/x:1")
+    assert (
+        run.returncode == 1 and run.stderr.startswith("Error: registries.conf ") and len(run.stderr.splitlines()) == 1
+    )
+    v1 = tmp_path / "v1.conf"
+    v1.write_text('[registries.search]\nregistries = ["docker.io"]\n')
+    with pytest.raises(InvalidInput, match="version 1"):
+        load(str(v1))
+    run = ferry("--registries-conf", str(tmp_path / "missing.conf"), "inspect", "docker://localhost:1/x:1")
+    assert run.returncode == 1 and "no such file" in run.stderr
+
+
+def test_registries_d_parsed(tmp_path: Path) -> None:
+    d = tmp_path / "registries.d"
+    d.mkdir()
+    (d / "a.yaml").write_text(
+        "default-docker:\n  lookaside: file:///var/sigs\n"
+        "docker:\n  example.com/team:\n    use-sigstore-attachments: true\n"
+        "  example.com:\n    lookaside: https://sigs.example.com\n"
+    )
+    conf = registries_d(str(d))
+    assert conf.for_reference(Reference.parse("example.com/team/app:1")).use_sigstore_attachments
+    assert conf.for_reference(Reference.parse("example.com/other:1")).lookaside == "https://sigs.example.com"
+    assert conf.for_reference(Reference.parse("quay.io/x:1")).lookaside == "file:///var/sigs"
+    (d / "b.yaml").write_text("docker:\n  example.com:\n    lookaside: x\n")
+    run = ferry("--registries.d", str(d), "inspect", "docker://localhost:1/x:1")
+    assert run.returncode == 1 and "more than once" in run.stderr
