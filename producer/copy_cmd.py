@@ -67,7 +67,7 @@ def add_copy_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--digestfile", metavar="PATH", help="write the digest of the written manifest to PATH")
     p.add_argument("--summary-json", metavar="PATH", help="write the run summary as JSON to PATH")
     add_bool(p, "--quiet", "-q", help="print nothing but errors")
-    # skopeo's (re)compression flags: Ferry copies layers byte for byte, so these are refused in copy_options
+    # skopeo's compression choices: refused in copy_options (Ferry only gzips plain layers for a registry)
     add_bool(p, "--dest-compress", help=argparse.SUPPRESS)
     add_bool(p, "--dest-decompress", help=argparse.SUPPRESS)
     p.add_argument("--dest-compress-format", help=argparse.SUPPRESS)
@@ -118,9 +118,12 @@ def refuse_unsupported(args: argparse.Namespace) -> None:
     for flag in ("dest_compress", "dest_decompress", "dest_compress_format", "dest_compress_level"):
         if getattr(args, flag, None):
             name = "--" + flag.replace("_", "-")
-            raise InvalidInput(f"{name}: Ferry copies layers byte for byte and does not (re)compress them")
+            raise InvalidInput(
+                f"{name}: not supported (Ferry keeps layers as they are, except that it gzips plain layers for"
+                " a registry)"
+            )
     if getattr(args, "dest_force_compress_format", False):
-        raise InvalidInput("--dest-force-compress-format: Ferry copies layers byte for byte and does not recompress")
+        raise InvalidInput("--dest-force-compress-format: not supported (Ferry does not recompress layers)")
     if getattr(args, "encryption_key", None) or getattr(args, "encrypt_layer", None):
         raise InvalidInput("--encryption-key/--encrypt-layer: Ferry does not encrypt layers (ocicrypt)")
     if getattr(args, "decryption_key", None):

@@ -69,7 +69,6 @@ class SkopeoLines:
         self.out = out or sys.stdout
         self._lock = threading.Lock()
         self._images = {img.id: img for img in plan.images}
-        self._steps: dict[str, Step] = {}
 
     def start(self, plan: Plan) -> None:
         pass
@@ -92,18 +91,11 @@ class SkopeoLines:
     def stop(self) -> None:
         pass
 
-    def image_planned(self, img: ImagePlan, steps: dict[str, Step]) -> None:
-        """An image a pipelined sync planned while the run goes on."""
-        with self._lock:
-            self._images[img.id] = img
-            self._steps.update(steps)
-
     def lines_for(self, image_id: str) -> list[str]:
         img = self._images.get(image_id)
         if img is None:
             return []
-        found = (self.plan.steps.get(sid) or self._steps.get(sid) for sid in img.steps)
-        manifests = [s for s in found if isinstance(s, ManifestStep)]
+        manifests = [s for sid in img.steps if isinstance(s := self.plan.steps.get(sid), ManifestStep)]
         top = next((s for s in manifests if s.top), None)
         if top is None:
             # nothing was written: the destination already had this image (containers/image's own words)
@@ -153,12 +145,6 @@ class Tee:
     def image_finished(self, outcome: ImageOutcome) -> None:
         for t in self.targets:
             t.image_finished(outcome)
-
-    def image_planned(self, img: ImagePlan, steps: dict[str, Step]) -> None:
-        for t in self.targets:
-            planned = getattr(t, "image_planned", None)
-            if planned is not None:
-                planned(img, steps)
 
     def stop(self) -> None:
         for t in self.targets:

@@ -147,3 +147,99 @@ def test_refused_flags_name_the_feature(image_dir: Path, tmp_path: Path, flags: 
 def test_other_transports_refused_by_name() -> None:
     run = ferry("copy", "sif:/x.sif", "dir:/y")
     assert run.returncode == 1 and "sif: transport (Singularity image files)" in run.stderr
+
+
+def plain_layer_image(image_dir: Path, dest: Path) -> tuple[str, bytes]:
+    """``image_dir`` with its first layer stored as a plain tar (as ``--dest-decompress`` would)."""
+    import gzip
+    import shutil
+
+    shutil.copytree(image_dir, dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    layer = manifest["layers"][0]
+    old = dest / layer["digest"].split(":", 1)[1]
+    plain = gzip.decompress(old.read_bytes())
+    old.unlink()
+    digest = hashlib.sha256(plain).hexdigest()
+    (dest / digest).write_bytes(plain)
+    layer.update(digest=f"sha256:{digest}", size=len(plain), mediaType="application/vnd.docker.image.rootfs.diff.tar")
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return f"sha256:{digest}", plain
+
+
+def test_plain_layer_is_gzipped_for_a_registry(registry: RegistryServer, image_dir: Path, tmp_path: Path) -> None:
+    import gzip
+
+    plain_digest, plain = plain_layer_image(image_dir, tmp_path / "plain")
+    repo = f"test/rest-gzip-{secrets.token_hex(3)}"
+    f, s = both(
+        "copy", "--dest-tls-verify=false", f"dir:{tmp_path}/plain", f"docker://{registry.host}/{repo}-{{tool}}:v1"
+    )
+    assert (f.returncode, s.returncode) == (0, 0), (f.stderr, s.stderr)
+    raws = {
+        tool: json.loads(
+            skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{registry.host}/{repo}-{tool}:v1").stdout
+        )
+        for tool in ("ferry", "skopeo")
+    }
+    for tool, m in raws.items():
+        assert [x["mediaType"] for x in m["layers"]] == ["application/vnd.docker.image.rootfs.diff.tar.gzip"] * 2, tool
+        assert m["layers"][0]["digest"] != plain_digest
+    # same config (diff_ids unchanged), same second layer; the gzip bytes differ between implementations
+    assert raws["ferry"]["config"] == raws["skopeo"]["config"]
+    assert raws["ferry"]["layers"][1] == raws["skopeo"]["layers"][1]
+    # skopeo reads Ferry's push back (verifying every blob) and the layer unpacks to the same tar
+    back = tmp_path / "back"
+    skopeo("copy", "--src-tls-verify=false", f"docker://{registry.host}/{repo}-ferry:v1", f"dir:{back}")
+    gz = back / raws["ferry"]["layers"][0]["digest"].split(":", 1)[1]
+    assert gzip.decompress(gz.read_bytes()) == plain
+    # deterministic: a second copy finds the image already there
+    again = ferry(
+        "copy", "--dest-tls-verify=false", f"dir:{tmp_path}/plain", f"docker://{registry.host}/{repo}-ferry:v1"
+    )
+    assert again.returncode == 0 and "1 up to date" in again.stderr
+    # --preserve-digests cannot have it
+    run = ferry(
+        "copy",
+        "--preserve-digests",
+        "--dest-tls-verify=false",
+        f"dir:{tmp_path}/plain",
+        f"docker://{registry.host}/{repo}-p:v1",
+    )
+    assert run.returncode == 1 and "--preserve-digests" in run.stderr
+    # to a local layout the plain layer stays plain (skopeo: dir keeps, Ferry: every local transport keeps)
+    f, s = both("copy", f"dir:{tmp_path}/plain", f"dir:{tmp_path}/local-{{tool}}")
+    assert (f.returncode, s.returncode) == (0, 0)
+    assert (tmp_path / "local-ferry" / plain_digest.split(":", 1)[1]).read_bytes() == plain
+
+
+@pytest.mark.parametrize(("fmt", "target"), [("oci", "v2s2")])
+def test_conversion_serialises_like_skopeo(registry: RegistryServer, tmp_path: Path, fmt: str, target: str) -> None:
+    """A converted manifest has skopeo's bytes (containers/image's field order), so the same digest.
+
+    (v2s2 -> OCI differs on purpose: skopeo also re-serialises the config blob as an OCI config, Ferry keeps
+    the config blob, so the config digest and hence the manifest differ.)
+    """
+    repo = f"test/rest-conv-{secrets.token_hex(3)}"
+    push_image(registry.url, repo, "v1", build_image(f"rest-conv-{fmt}", layers=[300, 100], fmt=fmt))  # type: ignore[arg-type]
+    src = f"docker://{registry.host}/{repo}:v1"
+    f, s = both("copy", "--src-tls-verify=false", "--format", target, src, f"dir:{tmp_path}/{{tool}}")
+    assert (f.returncode, s.returncode) == (0, 0), (f.stderr, s.stderr)
+    assert (tmp_path / "ferry" / "manifest.json").read_bytes() == (tmp_path / "skopeo" / "manifest.json").read_bytes()
+
+
+def test_index_conversion_serialises_like_skopeo(registry: RegistryServer, tmp_path: Path) -> None:
+    from tests.harness.images import build_multiarch, push_index
+
+    repo = f"test/rest-iconv-{secrets.token_hex(3)}"
+    idx = build_multiarch("rest-iconv", platforms=["linux/amd64", "linux/arm64/v8"], layers=[200], fmt="oci")
+    push_index(registry.url, repo, "v1", idx)
+    src = f"docker://{registry.host}/{repo}:v1"
+    dest = f"docker://{registry.host}/{repo}-{{tool}}:v2s2"
+    f, s = both("copy", "--all", "--format", "v2s2", "--src-tls-verify=false", "--dest-tls-verify=false", src, dest)
+    assert (f.returncode, s.returncode) == (0, 0), (f.stderr, s.stderr)
+    raws = [
+        skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{registry.host}/{repo}-{t}:v2s2").stdout
+        for t in ("ferry", "skopeo")
+    ]
+    assert raws[0] == raws[1]

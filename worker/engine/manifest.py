@@ -121,7 +121,38 @@ def platform_of(d: Descriptor) -> Platform | None:
 
 
 def _json(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
+    """Go's ``json.Marshal``: compact, UTF-8 kept, ``<``, ``>``, ``&``, U+2028/2029 escaped."""
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    for raw, esc in (
+        ("<", "\\u003c"),
+        (">", "\\u003e"),
+        ("&", "\\u0026"),
+        ("\u2028", "\\u2028"),
+        ("\u2029", "\\u2029"),
+    ):
+        text = text.replace(raw, esc)
+    return text.encode()
+
+
+#: field order of containers/image's structs, so a conversion serialises as skopeo's does (same digest)
+_DESCRIPTOR_ORDER = {
+    "v2s2": ["mediaType", "size", "digest", "urls", "annotations", "platform"],
+    "oci": ["mediaType", "digest", "size", "urls", "annotations", "data", "platform", "artifactType"],
+}
+_PLATFORM_ORDER = ["architecture", "os", "os.version", "os.features", "variant", "features"]
+
+
+def _ordered(obj: dict[str, Any], order: list[str]) -> dict[str, Any]:
+    out = {k: obj[k] for k in order if k in obj}
+    out.update({k: v for k, v in obj.items() if k not in out})
+    return out
+
+
+def _descriptor(d: dict[str, Any], target: str) -> dict[str, Any]:
+    out = _ordered(d, _DESCRIPTOR_ORDER[target])
+    if isinstance(out.get("platform"), dict):
+        out["platform"] = _ordered(out["platform"], _PLATFORM_ORDER)
+    return out
 
 
 def convert_manifest(raw: bytes, media_type: str, target: str, child_map: dict[str, Descriptor] | None = None) -> bytes:
@@ -157,17 +188,20 @@ def convert_manifest(raw: bytes, media_type: str, target: str, child_map: dict[s
                 e["digest"], e["size"], e["mediaType"] = str(nd.digest), nd.size, nd.media_type
             else:
                 e["mediaType"] = str(table.get(e.get("mediaType") or "", e.get("mediaType") or ""))
-            entries.append(e)
+            entries.append(_descriptor(e, target))
         obj["manifests"] = entries
     else:
         cfg = dict(obj["config"])
         cfg["mediaType"] = str(table.get(cfg.get("mediaType") or "", cfg.get("mediaType") or ""))
-        obj["config"] = cfg
+        obj["config"] = _descriptor(cfg, target)
         obj["layers"] = [
-            {**layer, "mediaType": str(table.get(layer.get("mediaType") or "", layer.get("mediaType") or ""))}
+            _descriptor(
+                {**layer, "mediaType": str(table.get(layer.get("mediaType") or "", layer.get("mediaType") or ""))},
+                target,
+            )
             for layer in obj.get("layers") or []
         ]
-    order = ["schemaVersion", "mediaType", "config", "layers", "manifests", "annotations"]
+    order = ["schemaVersion", "mediaType", "artifactType", "config", "layers", "manifests", "subject", "annotations"]
     ordered = {k: obj[k] for k in order if k in obj}
     ordered.update({k: v for k, v in obj.items() if k not in ordered})
     return _json(ordered)

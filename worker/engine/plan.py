@@ -98,6 +98,8 @@ class ResolvedImage:
     extras: list[tuple[SourceManifest, str | None]] = field(default_factory=list)
     #: options for this image when they differ from the plan's (sync: platforms per registry entry)
     options: CopyOptions | None = None
+    #: layers gzipped on the way (a plain tar pushed to a registry): gzip digest -> the source's plain layer
+    recompress: dict[str, Descriptor] = field(default_factory=dict)
     #: a signature, attestation or referrer that goes along with an image (sync): never signed itself
     attachment: bool = False
 
@@ -114,10 +116,21 @@ class BlobStep:
     mount_from: str | None = None
     deps: tuple[str, ...] = ()
     kind: str = "blob"
+    #: set when the blob is gzipped on the way: the plain layer read from the source (digest, size, type)
+    source_digest: str = ""
+    source_size: int = 0
+    source_media_type: str = ""
 
     @property
     def descriptor(self) -> Descriptor:
         return Descriptor(self.media_type, Digest.parse(self.digest), self.size)
+
+    @property
+    def source_descriptor(self) -> Descriptor:
+        """What is read from the source: the blob itself, or the plain layer that is gzipped on the way."""
+        if not self.source_digest:
+            return self.descriptor
+        return Descriptor(self.source_media_type, Digest.parse(self.source_digest), self.source_size)
 
 
 @dataclass(frozen=True)
@@ -236,6 +249,13 @@ def resolve_image(
         elif options.multi_arch != "index-only":
             for d in _selected(index.manifests, options.platforms):
                 resolved.children[d.digest] = _fetch(src, d.digest)
+    if (
+        source_name.reference is None  # registry to registry stays byte for byte: digests are preserved
+        and resolved.dest_info.is_registry
+        and resolved.top.media_type not in INDEX_TYPES
+        and options.multi_arch != "index-only"
+    ):
+        _gzip_plain_layers(src, resolved, options)
     resolved.options = options
     if head_destination:
         try:
@@ -244,6 +264,29 @@ def resolve_image(
             head = None
         resolved.dest_digest = head.digest if head is not None else None
     return resolved
+
+
+def _gzip_plain_layers(src: ImageSource, resolved: ResolvedImage, options: CopyOptions) -> None:
+    """A registry gets gzip layers (as containers/image pushes them): learn each one's digest, rewrite the manifest."""
+    from .compression import GZIP_OF, compressible_layers, measure, rewrite_layers
+
+    layers = compressible_layers(resolved.top.raw)
+    if not layers:
+        return
+    if options.preserve_digests:
+        raise InvalidInput(
+            f"copying {resolved.source} to a registry gzips its uncompressed layers, which changes digests,"
+            " but --preserve-digests was given"
+        )
+    replaced: dict[Digest, Descriptor] = {}
+    for plain in layers:
+        if plain.digest in replaced:
+            continue
+        with src.open_blob(plain) as chunks:
+            digest, size = measure(chunks)
+        replaced[plain.digest] = Descriptor(GZIP_OF[plain.media_type], digest, size)
+        resolved.recompress[str(digest)] = plain
+    resolved.top = SourceManifest(rewrite_layers(resolved.top.raw, replaced), resolved.top.media_type)
 
 
 def _label_uncompressed(m: SourceManifest) -> SourceManifest:
@@ -308,8 +351,16 @@ class _Builder:
             return self.per_dest[key_dest]
         store_key = (r.dest_info.store, str(desc.digest))
         first = self.first.get(store_key)
+        plain = r.recompress.get(str(desc.digest))
+        gzip_from: dict[str, Any] = (
+            {"source_digest": str(plain.digest), "source_size": plain.size, "source_media_type": plain.media_type}
+            if plain is not None
+            else {}
+        )
         if first is None:
-            step = BlobStep(self._id("b"), r.source, r.destination, str(desc.digest), desc.size, desc.media_type)
+            step = BlobStep(
+                self._id("b"), r.source, r.destination, str(desc.digest), desc.size, desc.media_type, **gzip_from
+            )
             self.first[store_key] = step
         else:
             mount_from = None
@@ -326,6 +377,7 @@ class _Builder:
                 desc.media_type,
                 mount_from=mount_from,
                 deps=(first.id,),
+                **gzip_from,
             )
         self.plan.steps[step.id] = step
         self.per_dest[key_dest] = step.id

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from worker.registry import Cancelled, Digest, FerryError, RetryPolicy, is_temporary
 
+from .compression import gzip_stream
 from .plan import BlobStep, ManifestStep, ResolvedImage
 from .status import BlobAction
 from .transports import ClientPool, ImageDestination, ImageName, ImageSource, SideConfig, open_destination, open_source
@@ -275,8 +276,10 @@ def transfer_blob(ctx: EngineContext, step: BlobStep) -> BlobResult:
         if ctx.on_attempt is not None:
             ctx.on_attempt(step.digest)
         # A failed attempt restarts the whole upload session: a streamed body cannot be replayed.
-        with src.open_blob(desc) as chunks:
-            dest.put_blob(desc, _stream(ctx, step.digest, chunks))
+        with src.open_blob(step.source_descriptor) as chunks:
+            # a plain layer for a registry is gzipped on the fly; the destination verifies the gzip digest
+            body = gzip_stream(chunks) if step.source_digest else chunks
+            dest.put_blob(desc, _stream(ctx, step.digest, body))
         return BlobResult(BlobAction.TRANSFERRED, desc.size)
 
     hosts = [
