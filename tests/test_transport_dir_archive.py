@@ -457,7 +457,7 @@ def test_guess_media_type() -> None:
     assert guess_media_type(b'{"x":1}') == "" and guess_media_type(b"[]") == ""
     with pytest.raises(ManifestError, match="m: cannot tell"):
         sniff_media_type(b'{"x":1}', "m")
-    with pytest.raises(ManifestError, match=r"m: malformed manifest \(not JSON\)"):
+    with pytest.raises(ManifestError, match=r"malformed manifest \(m\): not valid JSON"):
         sniff_media_type(b"{", "m")
 
 
