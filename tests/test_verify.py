@@ -179,3 +179,25 @@ def test_verify_an_oci_layout_destination_finds_a_removed_blob_file(
         {"destination": f"oci:{layout}:app:v2", "manifest": str(app["v2"].digest), "digest": str(lost)}
     ]
     assert bad["complete"] is False and bad["tags_complete"] == 1
+
+
+def test_verify_reads_a_sync_yaml_file_and_its_naming(
+    registry: RegistryServer, registry2: RegistryServer, unique_repo: str, tmp_path: Path, cache: Path
+) -> None:
+    repo = f"{unique_repo}/tool"
+    push_all(registry, repo, images(repo, ["1.0", "1.1", "2.0"]))
+    spec = tmp_path / "sync.yml"
+    spec.write_text(f"{registry.host}:\n  tls-verify: false\n  images-by-tag-regex:\n    {repo}: ^1\\.\n")
+    dst = f"{registry2.host}/{unique_repo}-y"
+    args = ("--src", "yaml", "--dest", "docker", "--dest-tls-verify=false", str(spec), dst)
+    ferry("sync", *args, "--append-suffix", "-m", cache=cache)
+    assert set(tag_digests(registry2, f"{unique_repo}-y/tool")) == {"1.0-m", "1.1-m"}
+    report = tmp_path / "v.json"
+    ok = verify(*args, "--append-suffix", "-m", cache=cache, report=report, check=True)
+    assert ok["tags_checked"] == 2 and ok["tags_complete"] == 2
+    # without the suffix the names differ: every tag the file selects is missing
+    bad = verify(*args, cache=cache, report=report, check=False)
+    assert sorted(m["destination"] for m in bad["missing_tags"]) == [
+        f"docker://{dst}/tool:1.0",
+        f"docker://{dst}/tool:1.1",
+    ]
