@@ -459,6 +459,9 @@ def test_guess_media_type() -> None:
         sniff_media_type(b'{"x":1}', "m")
     with pytest.raises(ManifestError, match=r"malformed manifest \(m\): not valid JSON"):
         sniff_media_type(b"{", "m")
+    with pytest.raises(ManifestError, match=r"malformed manifest \(m\): JSON nested too deeply"):
+        sniff_media_type(b"[" * 100_000 + b"]" * 100_000, "m")
+    assert guess_media_type(b"[" * 100_000 + b"]" * 100_000) == ""
 
 
 # --------------------------------------------------------------------------------------------------------------------
