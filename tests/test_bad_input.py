@@ -154,3 +154,10 @@ def test_empty_credentials_are_refused(args: tuple[str, ...], flag: str, tmp_pat
     assert_one_error(proc, f"{flag}: ", "can't be empty")
     assert "refused" not in proc.stderr
     assert not out.exists()
+
+
+def test_deeply_nested_auth_file_is_one_error(tmp_path: Path) -> None:
+    auth = tmp_path / "auth.json"
+    auth.write_bytes(b'{"auths":' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    proc = run_ferry("inspect", "--authfile", str(auth), "docker://127.0.0.1:1/a:b", tmp_path=tmp_path)
+    assert_one_error(proc, str(auth), "nested too deeply")

@@ -306,6 +306,8 @@ def _read_json(path: Path, *, what: str = "auth file") -> dict[str, Any] | None:
         ) from None
     except UnicodeDecodeError:
         raise InvalidInput(f"reading {what} {path}: not UTF-8 text") from None
+    except RecursionError:
+        raise InvalidInput(f"reading {what} {path}: JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise InvalidInput(f"reading {what} {path}: the top level must be a JSON object")
     return data
@@ -473,7 +475,7 @@ def _helper_get(name: str, host: str, env: Mapping[str, str]) -> Credentials | N
             continue
         try:
             reply = json.loads(out)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             reply = None
         if not isinstance(reply, dict):
             raise InvalidInput(f"credential helper {_helper_program(name)} returned malformed output for {server}")
