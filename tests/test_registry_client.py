@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import RegistryFactory
 from tests.harness.images import build_image, build_multiarch, push_blob, push_image
 from tests.harness.servers import RegistryServer
 from worker.registry import (
@@ -333,18 +334,20 @@ def test_pagination_refuses_a_repeated_link() -> None:
     assert len(fake.calls("/tags/list")) == 1  # the link names the page just read: not fetched again
 
 
-def test_catalog_pagination(registry: RegistryServer, unique_repo: str) -> None:
-    for i in range(4):
-        push_blob(registry.url, f"{unique_repo}/r{i}", Digest.of(b"c"), b"c", 1)
-    with httpx.Client(base_url=registry.url) as http:
-        everything = http.get("/v2/_catalog", params={"n": 1000}).json()["repositories"]
-    assert {f"{unique_repo}/r{i}" for i in range(4)} <= set(everything)
+def test_catalog_pagination(registry_factory: RegistryFactory) -> None:
+    # a registry of its own: the shared one gains repositories from other tests, and whether distribution 2.8
+    # links a full last page to an empty one depends on where its storage walk stops, so the count here is
+    # chosen to end on a partial page
+    registry = registry_factory()
+    repos = [f"pages/r{i}" for i in range(7)]
+    for repo in repos:
+        push_blob(registry.url, repo, Digest.of(b"c"), b"c", 1)
     client = real_client(registry)
     client.ping()
     mark = registry.log_mark()
-    assert client.catalog(page_size=3) == everything
-    # one request per page; a full last page has no Link to an empty one (distribution 2.8), so ceil(n / 3)
-    assert registry.count("GET", r"/v2/_catalog", since=mark) == -(-len(everything) // 3)
+    assert client.catalog(page_size=3) == sorted(repos)
+    # one request per page: 3 + 3 + 1, the partial last page has no Link
+    assert registry.count("GET", r"/v2/_catalog", since=mark) == 3
 
 
 # --------------------------------------------------------------------------------------------------------------------
