@@ -269,7 +269,8 @@ def follow(
                 break
             now = time.monotonic()
             if now >= next_check:
-                next_check = now + 5.0
+                # look for idle queues and a stalled job every 5 s (sooner when the stall limit is shorter)
+                next_check = now + min(5.0, max(stall_after / 2, 0.5))
                 warned_idle |= warn_if_no_workers(state, frozenset(warned_idle))
                 stall = stall_report(summary, stall_after=stall_after)
                 if stall is None:

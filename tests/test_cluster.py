@@ -230,12 +230,12 @@ def test_no_worker_is_reported_and_job_wait_times_out(
         assert out.returncode == 0, out.stderr
         assert "Warning: no worker consumes ferry.blobs" in out.stderr
         job = out.stdout.strip()
-        waited = ferry("job", "wait", job, "--queue", url, "--timeout", "3", env={**env, "FERRY_STALL_AFTER": "1"})
+        waited = ferry("job", "wait", job, "--queue", url, "--timeout", "6", env={**env, "FERRY_STALL_AFTER": "1"})
         assert waited.returncode == 124, waited.stderr
         assert "Warning: no worker consumes ferry.blobs" in waited.stderr
         assert "Warning: no worker consumes ferry.meta" in waited.stderr
         assert f"job {job} has made no progress for" in waited.stderr
-        assert f"Error: job {job} did not end within 3s" in waited.stderr
+        assert f"Error: job {job} did not end within 6s" in waited.stderr
         status = ferry("job", "status", job, "--queue", url, env={**env, "FERRY_STALL_AFTER": "1"})
         assert "stalled: job" in status.stdout
     finally:
