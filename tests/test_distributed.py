@@ -821,13 +821,16 @@ def test_early_finalizer_waits_for_every_blob(
 def test_sigkilled_worker_task_is_redone_by_the_other(
     workers: Workers,
     registry: RegistryServer,
-    registry2: RegistryServer,
+    registry_factory: Callable[..., RegistryServer],
     queue: str,
     producer_env: dict[str, str],
     state: SharedState,
     big_image: tuple[str, Image],
     tmp_path: Path,
 ) -> None:
+    # a destination of its own: an earlier test (a cancel that may still finish the big blob) can leave it in
+    # the shared registry2, and then this copy would mount it instead of uploading it
+    registry2 = registry_factory()
     src_repo, img = big_image
     dest_repo = f"test/dist-kill-{uuid.uuid4().hex[:8]}"
     big = str(img.layers[0].digest)
