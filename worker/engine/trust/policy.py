@@ -17,6 +17,7 @@ import base64
 import binascii
 import json
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,11 +153,14 @@ class Verdict:
     verified: bool = False
 
 
-class Requirement:
+class Requirement(ABC):
+    """One policy requirement; each type in containers-policy.json(5) is a subclass."""
+
     type = ""
 
+    @abstractmethod
     def check(self, image: ImageName, digests: Sequence[Digest], signatures: SignatureSource) -> Verdict:
-        raise NotImplementedError
+        """Accept the image (a Verdict) or raise PolicyRejected saying why."""
 
 
 class InsecureAcceptAnything(Requirement):
