@@ -20,7 +20,14 @@ from worker.engine.transports import ImageName
 from worker.registry import InvalidInput, Platform
 
 from . import deadline, skopeo_lines, trust_cmd
-from .options import add_bool, add_retry_flags, add_shared_authfile, add_side_flags, side_config
+from .options import (
+    add_bool,
+    add_retry_flags,
+    add_shared_authfile,
+    add_side_flags,
+    queued_registries,
+    side_config,
+)
 from .progress import make_progress, summary_line
 
 if TYPE_CHECKING:
@@ -300,7 +307,8 @@ def copy(args: argparse.Namespace) -> int:
         if queue:
             from .distributed import submit_plan
 
-            return submit_plan(args, plan, queue, kind="copy", signing=signing)
+            registries = queued_registries(args, ctx.opened_sources())
+            return submit_plan(args, plan, queue, kind="copy", signing=signing, registries=registries)
         report = run_embedded(args, ctx, plan, args.quiet, signer=signer)
     finally:
         ctx.close()

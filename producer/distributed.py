@@ -52,9 +52,13 @@ def _state(url: str) -> SharedState:
     return state
 
 
-def job_options(args: argparse.Namespace, source_sides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What workers need to know beyond the plan: TLS and retry settings. Never credentials."""
+def job_options(
+    args: argparse.Namespace, source_sides: dict[str, Any] | None = None, registries: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What workers need to know beyond the plan: TLS and retry settings, registries.conf. Never credentials."""
     return {
+        # the producer's registries.conf (rewrites, blocked, insecure) and where it read mirrored images from
+        **({"registries": registries} if registries is not None else {}),
         # per source registry TLS settings (a sync YAML file's tls-verify / cert-dir)
         "source_registries": {
             host: {"tls_verify": side.tls_verify, "cert_dir": side.cert_dir}
@@ -119,6 +123,7 @@ def submit_plan(
     source_sides: dict[str, Any] | None = None,
     on_done: Callable[[dict[str, Any]], None] | None = None,
     signing: SigningConfig | None = None,
+    registries: dict[str, Any] | None = None,
 ) -> int:
     """Enqueue the plan as a job; with ``--wait`` follow it, then hand its summary to ``on_done``."""
     from worker.celery_executor import CeleryExecutor
@@ -145,7 +150,7 @@ def submit_plan(
     if (getattr(args, "digestfile", None) or getattr(args, "summary_json", None)) and not args.wait:
         raise InvalidInput("--digestfile and --summary-json need --wait when the job runs on a queue")
     executor = CeleryExecutor(state)
-    options = job_options(args, source_sides)
+    options = job_options(args, source_sides, registries)
     if signing is not None:
         # paths only: each worker reads the key and the passphrase from its own files
         options["sign"] = signing.to_json()

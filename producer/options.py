@@ -6,11 +6,13 @@ import argparse
 import functools
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
 
 from worker.engine.registries_conf import RegistriesConf, RegistriesD, registries_d
 from worker.engine.registries_conf import load as load_registries
-from worker.engine.transports import SideConfig
+from worker.engine.transports import ImageName, ImageSource, SideConfig
 from worker.registry import Credentials, InvalidInput, RetryPolicy, parse_creds
 
 #: Boolean flags that skopeo accepts as ``--flag``, ``--flag=true`` and ``--flag=false``.
@@ -251,6 +253,24 @@ def _load_registries(path: str | None) -> RegistriesConf:
 def registries_conf(args: argparse.Namespace) -> RegistriesConf:
     """``--registries-conf PATH``, else the default files (read once per process)."""
     return _load_registries(getattr(args, "registries_conf", None))
+
+
+def queued_registries(args: argparse.Namespace, opened: Mapping[str, ImageSource]) -> dict[str, Any]:
+    """registries.conf for a queued job's workers: this machine's entries, plus the endpoint each registry image
+    was read from when its registry has mirrors (workers read where the plan was made, with the same TLS)."""
+    from worker.engine.transports.registry import RegistrySource
+
+    conf = registries_conf(args)
+    pinned = dict(conf.pinned)
+    for name, src in opened.items():
+        user = ImageName.parse(name).reference
+        if user is None or not isinstance(src, RegistrySource) or not conf.has_mirrors(user):
+            continue
+        for ref, insecure in conf.pull_sources(user):
+            if ref == src.reference:
+                pinned[str(user)] = (str(ref), insecure)
+                break
+    return replace(conf, pinned=pinned).to_json()
 
 
 def signature_storage(args: argparse.Namespace) -> RegistriesD:

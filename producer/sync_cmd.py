@@ -41,7 +41,7 @@ from .copy_cmd import (
     run_embedded,
     streams,
 )
-from .options import add_bool
+from .options import add_bool, queued_registries
 from .progress import human_bytes, summary_line
 
 
@@ -168,7 +168,14 @@ def sync(args: argparse.Namespace) -> int:
                     verified.append(run_verify(args, ctx, req, memo, disc))
 
             code = submit_plan(
-                args, plan, queue, kind="sync", source_sides=disc.sides, on_done=job_done, signing=signing
+                args,
+                plan,
+                queue,
+                kind="sync",
+                source_sides=disc.sides,
+                on_done=job_done,
+                signing=signing,
+                registries=queued_registries(args, ctx.opened_sources()),
             )
             # images that failed before the job (reading the source, --keep-going) are not in it: say so here
             for src, dst, err in failures:

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from tests.harness.images import build_image, push_image
-from tests.harness.servers import RegistryServer
+from tests.harness.servers import RedisServer, RegistryServer
+from tests.harness.workers import start_worker
 from tests.test_skopeo_flags import both, ferry
 from worker.engine.registries_conf import load, registries_d
 from worker.registry import InvalidInput, Reference
@@ -132,3 +135,96 @@ def test_registries_d_parsed(tmp_path: Path) -> None:
     (d / "b.yaml").write_text("docker:\n  example.com:\n    lookaside: x\n")
     run = ferry("--registries.d", str(d), "inspect", "docker://localhost:1/x:1")
     assert run.returncode == 1 and "more than once" in run.stderr
+
+
+# ---------------------------------------------------------------------------------------------- queued (--queue)
+
+QUEUE_DB = 11
+
+
+@pytest.fixture(scope="module")
+def conf_queue(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real worker with no registries.conf of its own (an empty file) and no TLS flags: whatever it applies
+    comes from the producer's job."""
+    url = redis_server.url_for(QUEUE_DB)
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    r.close()
+    home = tmp_path_factory.mktemp("conf-worker")
+    (home / "empty.conf").write_text("")
+    (home / "auth.json").write_text("{}")
+    env = {"CONTAINERS_REGISTRIES_CONF": str(home / "empty.conf"), "REGISTRY_AUTH_FILE": str(home / "auth.json")}
+    worker = start_worker(url, "conf@%h", home, concurrency=2, env=env)
+    try:
+        yield url
+    finally:
+        worker.stop(grace=5)
+
+
+def landed(registry: RegistryServer, repo: str) -> str:
+    run = ferry("inspect", "--tls-verify=false", "--no-tags", f"docker://{registry.host}/{repo}")
+    assert run.returncode == 0, run.stderr
+    return digest(run.stdout)
+
+
+def test_queued_copy_applies_the_producers_registries_conf(
+    registry: RegistryServer, setup: dict, conf_queue: str
+) -> None:
+    """A mirror (which holds a different image), a prefix rewrite, insecure registries and no TLS flag: the worker
+    reads where the producer read, as the embedded copy and skopeo do. Pushes are never rewritten (containers/image
+    applies registries.conf redirection to reads only): a rewritten destination prefix is refused by all three."""
+    conf = setup["conf"]
+    leaf = f"queued-{secrets.token_hex(3)}"
+    name = setup["repo"].rsplit("/", 1)[1]
+    sources = {
+        "mirror": (f"docker://{registry.host}/{setup['repo']}:v1", setup["mirror"]),
+        "rewrite": (f"docker://example.invalid/team/{name}:only-primary", setup["primary"]),
+    }
+    for kind, (src, want) in sources.items():
+        dest = f"docker://{registry.host}/test/{leaf}-{kind}-{{tool}}:v1"
+        f, s = both("--registries-conf", conf, "copy", src, dest)
+        assert (f.returncode, s.returncode) == (0, 0), (f.stderr, s.stderr)
+        queued = dest.replace("{tool}", "queued")
+        q = ferry("--registries-conf", conf, "copy", "--queue", conf_queue, "--wait", src, queued)
+        assert q.returncode == 0, q.stderr
+        for tool in ("ferry", "skopeo", "queued"):
+            assert landed(registry, f"test/{leaf}-{kind}-{tool}:v1") == want, (kind, tool)
+    src = sources["mirror"][0]
+    f, s = both("--registries-conf", conf, "copy", src, f"docker://example.invalid/team/{leaf}:v1")
+    assert f.returncode == s.returncode == 1 and "example.invalid" in f.stderr, (f.stderr, s.stderr)
+    # a blocked source is refused before any job exists
+    dest = f"docker://{registry.host}/test/{leaf}-never:v1"
+    blocked = ferry(
+        "--registries-conf", conf, "copy", "--queue", conf_queue, f"docker://{registry.host}/test/blocked/x:1", dest
+    )
+    assert blocked.returncode == 1 and "blocked in registries.conf" in blocked.stderr
+    assert blocked.stdout == ""  # no job id printed
+
+
+def test_queued_sync_applies_the_producers_registries_conf(
+    registry: RegistryServer, setup: dict, conf_queue: str
+) -> None:
+    conf = setup["conf"]
+    leaf = f"qsync-{secrets.token_hex(3)}"
+    src = f"{registry.host}/{setup['repo']}"
+    flags = ["--src", "docker", "--dest", "docker"]
+    runs = {
+        "embedded": ferry("--registries-conf", conf, "sync", *flags, src, f"{registry.host}/test/{leaf}-embedded"),
+        "queued": ferry(
+            "--registries-conf",
+            conf,
+            "sync",
+            *flags,
+            "--queue",
+            conf_queue,
+            "--wait",
+            src,
+            f"{registry.host}/test/{leaf}-queued",
+        ),
+    }
+    name = setup["repo"].rsplit("/", 1)[1]
+    for mode, run in runs.items():
+        assert run.returncode == 0, (mode, run.stderr)
+        # v1 from the mirror, only-primary from the primary (the mirror lacks it)
+        assert landed(registry, f"test/{leaf}-{mode}/{name}:v1") == setup["mirror"], mode
+        assert landed(registry, f"test/{leaf}-{mode}/{name}:only-primary") == setup["primary"], mode

@@ -33,6 +33,7 @@ from redis.lock import Lock
 from worker import telemetry
 from worker.celery_app import app, visibility_timeout
 from worker.engine.plan import BlobStep
+from worker.engine.registries_conf import RegistriesConf
 from worker.engine.status import BlobStatus, ImageStatus
 from worker.engine.steps import BlobResult, EngineContext, blob_store, existing_blob, run_manifest_step, transfer_blob
 from worker.engine.transports import ClientPool, ImageName, SideConfig
@@ -85,6 +86,8 @@ def _pool() -> ClientPool:
 def _sides(options_json: str) -> tuple[SideConfig, SideConfig]:
     opts = json.loads(options_json or "{}")
     gate = _gate()
+    # the producer's registries.conf and the endpoint it read each mirrored image from (never this machine's)
+    registries = RegistriesConf.from_json(opts["registries"]) if "registries" in opts else None
 
     def side(prefix: str) -> SideConfig:
         retry = RetryPolicy(times=int(opts.get("retry_times", 3)), delay=opts.get("retry_delay"))
@@ -94,6 +97,7 @@ def _sides(options_json: str) -> tuple[SideConfig, SideConfig]:
             user_agent=opts.get("user_agent") or USER_AGENT,
             retry=retry,
             gate=gate,
+            registries=registries,
         )
 
     return side("src_"), side("dest_")
@@ -106,7 +110,12 @@ def _source_sides(options_json: str) -> dict[str, SideConfig]:
     out = {}
     for host, o in (opts.get("source_registries") or {}).items():
         out[host] = SideConfig(
-            tls_verify=o.get("tls_verify"), cert_dir=o.get("cert_dir"), retry=src.retry, gate=src.gate
+            tls_verify=o.get("tls_verify"),
+            cert_dir=o.get("cert_dir"),
+            retry=src.retry,
+            gate=src.gate,
+            registries=src.registries,
+            user_agent=src.user_agent,
         )
     return out
 

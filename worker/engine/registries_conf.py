@@ -52,6 +52,40 @@ class RegistriesConf:
     unqualified_search_registries: list[str] = field(default_factory=list)
     aliases: dict[str, str] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
+    #: pulls already resolved (a queued job: the endpoint the producer read each image from, and whether it is
+    #: insecure): workers use that endpoint, never probe the mirrors again nor fall back elsewhere
+    pinned: dict[str, tuple[str, bool]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """What a queued job carries to its workers: the entries that apply and the producer's pulls."""
+        return {
+            "registries": [
+                {
+                    "prefix": e.prefix,
+                    "location": e.location,
+                    "insecure": e.insecure,
+                    "blocked": e.blocked,
+                    "mirror-by-digest-only": e.mirror_by_digest_only,
+                    "mirror": [
+                        {"location": m.location, "insecure": m.insecure, "pull-from-mirror": m.pull_from_mirror}
+                        for m in e.mirrors
+                    ],
+                }
+                for e in self.registries
+            ],
+            "pinned": {name: [location, insecure] for name, (location, insecure) in self.pinned.items()},
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> RegistriesConf:
+        conf = cls()
+        _merge(conf, {"registry": obj.get("registries") or []}, "the job's registries.conf")
+        conf.pinned = {str(k): (str(v[0]), bool(v[1])) for k, v in (obj.get("pinned") or {}).items()}
+        return conf
+
+    def has_mirrors(self, ref: Reference) -> bool:
+        entry = self.entry_for(ref)
+        return entry is not None and bool(entry.mirrors)
 
     def entry_for(self, ref: Reference) -> RegistryEntry | None:
         """The entry whose prefix matches ``ref`` longest (containers/image ``FindRegistry``)."""
@@ -67,10 +101,13 @@ class RegistriesConf:
     def pull_sources(self, ref: Reference) -> list[tuple[Reference, bool]]:
         """Where to pull ``ref`` from, in order (mirrors, then the primary location), and whether TLS is off."""
         entry = self.entry_for(ref)
+        if entry is not None and entry.blocked:
+            raise InvalidInput(f"registry {entry.location or entry.prefix} is blocked in registries.conf ({ref})")
+        pinned = self.pinned.get(str(ref))
+        if pinned is not None:
+            return [(Reference.parse(pinned[0]), pinned[1])]
         if entry is None:
             return [(ref, False)]
-        if entry.blocked:
-            raise InvalidInput(f"registry {entry.location or entry.prefix} is blocked in registries.conf ({ref})")
         by_digest = ref.digest is not None
         out: list[tuple[Reference, bool]] = []
         if not (entry.mirror_by_digest_only and not by_digest):
@@ -84,13 +121,14 @@ class RegistriesConf:
         return out
 
     def push_target(self, ref: Reference) -> tuple[Reference, bool]:
-        """Where a push of ``ref`` goes (the primary location; mirrors are for pulling only)."""
+        """Where a push of ``ref`` goes: ``ref`` itself, as in containers/image ("redirection and mirrors are
+        currently processed only when reading images"); its entry still blocks it or makes it insecure."""
         entry = self.entry_for(ref)
         if entry is None:
             return ref, False
         if entry.blocked:
             raise InvalidInput(f"registry {entry.location or entry.prefix} is blocked in registries.conf ({ref})")
-        return _rewrite(ref, entry.prefix, entry.location), entry.insecure
+        return ref, entry.insecure
 
 
 def _match_len(prefix: str, text: str) -> int:

@@ -133,6 +133,11 @@ class EngineContext:
                 self._sources[name] = src
             return src
 
+    def opened_sources(self) -> dict[str, ImageSource]:
+        """The sources opened so far, by name (a queued job pins the endpoint each registry image came from)."""
+        with self._lock:
+            return dict(self._sources)
+
     def destination(self, name: str) -> ImageDestination:
         with self._lock:
             dest = self._dests.get(name)
