@@ -9,7 +9,8 @@ import os
 import sys
 
 from worker.engine.inspect import go_json, host_platform, image_config, inspect_image, oci_config_view
-from worker.engine.transports import ClientPool, ImageName, SideConfig, open_source
+from worker.engine.transports import ClientPool, ImageName, SideConfig, open_repository, open_source
+from worker.engine.transports.registry import RegistrySource
 from worker.registry import (
     Credentials,
     Digest,
@@ -61,7 +62,8 @@ def inspect(args: argparse.Namespace) -> int:
             ref_name = name.reference.name if name.reference is not None else None
             out = inspect_image(src, name=ref_name, tags=None, wanted=wanted)
             if name.reference is not None and not args.no_tags:
-                out["RepoTags"] = src.list_tags()
+                # skopeo lists them at the name as given (not at a registries.conf mirror or rewrite)
+                out["RepoTags"] = open_repository(name, side, pool).list_tags()
             if args.format:
                 data = GoStruct(out)
                 if isinstance(out.get("Created"), str):
@@ -89,8 +91,7 @@ def list_tags(args: argparse.Namespace) -> int:
         raise InvalidInput(f"invalid repository name {args.repository!r}: a repository takes no tag or digest")
     pool = ClientPool()
     try:
-        src = open_source(name, side_config(args), pool)
-        tags = src.list_tags()
+        tags = open_repository(name, side_config(args), pool).list_tags()
     finally:
         pool.close()
     _write(go_json({"Repository": ref.name, "Tags": tags}) + "\n")
@@ -168,7 +169,9 @@ def delete(args: argparse.Namespace) -> int:
     assert ref is not None
     pool = ClientPool()
     try:
-        client = pool.client(ref, side_config(args))
+        repository = open_repository(name, side_config(args), pool)  # registries.conf: blocked, insecure
+        assert isinstance(repository, RegistrySource)
+        client = repository.client
         digest = ref.digest
         if digest is None:
             desc = client.head_manifest(ref.repository, ref.identifier)

@@ -228,3 +228,25 @@ def test_queued_sync_applies_the_producers_registries_conf(
         # v1 from the mirror, only-primary from the primary (the mirror lacks it)
         assert landed(registry, f"test/{leaf}-{mode}/{name}:v1") == setup["mirror"], mode
         assert landed(registry, f"test/{leaf}-{mode}/{name}:only-primary") == setup["primary"], mode
+
+
+def test_tags_are_listed_at_the_name_as_given(registry: RegistryServer, registry2: RegistryServer, setup: dict) -> None:
+    """list-tags, inspect's RepoTags and sync's discovery never ask a mirror (which may hold fewer tags), as skopeo."""
+    repo = setup["repo"]
+    push_image(registry2.url, repo, "latest", build_image("conf-mirror-latest", layers=[100]))
+    conf = setup["conf"]
+    f, s = both("--registries-conf", conf, "list-tags", f"docker://{registry.host}/{repo}")
+    assert (f.returncode, s.returncode) == (0, 0), (f.stderr, s.stderr)
+    assert json.loads(f.stdout)["Tags"] == json.loads(s.stdout)["Tags"]
+    assert sorted(json.loads(f.stdout)["Tags"]) == ["only-primary", "v1"]
+    f, s = both("--registries-conf", conf, "inspect", f"docker://{registry.host}/{repo}:v1")
+    assert (f.returncode, s.returncode) == (0, 0), (f.stderr, s.stderr)
+    assert json.loads(f.stdout)["RepoTags"] == json.loads(s.stdout)["RepoTags"]
+    assert sorted(json.loads(f.stdout)["RepoTags"]) == ["only-primary", "v1"]
+    assert digest(f.stdout) == setup["mirror"]
+    # a blocked repository: list-tags and delete are refused too
+    for verb in ("list-tags", "delete"):
+        name = f"docker://{registry.host}/test/blocked/x" + (":1" if verb == "delete" else "")
+        f, s = both("--registries-conf", conf, verb, name)
+        assert f.returncode == s.returncode == 1, (verb, f.stderr, s.stderr)
+        assert "blocked" in f.stderr and "blocked" in s.stderr, verb

@@ -44,7 +44,7 @@ from .plan import CopyOptions, Planner, ResolvedImage, resolve_image
 from .semver import Constraint, Version
 from .steps import EngineContext
 from .syncfile import CatalogSpec, read_sync_file
-from .transports import ImageName, SideConfig
+from .transports import ImageName, SideConfig, open_repository
 
 log = logging.getLogger("ferry.sync")
 
@@ -249,8 +249,9 @@ def discover_into(ctx: EngineContext, req: SyncRequest, out: Discovery) -> None:
 
 
 def _list_tags(ctx: EngineContext, ref: Reference) -> list[str]:
-    src = ctx.source(f"docker://{ref.with_tag('latest')}")
-    return src.list_tags()
+    # at the name as given, never a mirror's (skopeo's GetRepositoryTags): a mirror may hold fewer tags
+    side = ctx.source_sides.get(ref.registry, ctx.source_side)
+    return open_repository(ImageName.parse(f"docker://{ref.with_tag('latest')}"), side, ctx.pool).list_tags()
 
 
 def _discover_repo(

@@ -226,6 +226,20 @@ def open_source(name: ImageName, side: SideConfig, pool: ClientPool | None = Non
     return src
 
 
+def open_repository(name: ImageName, side: SideConfig, pool: ClientPool | None = None) -> ImageSource:
+    """A registry name as given, for its tag list (list-tags, inspect's RepoTags, sync's discovery) and deletes.
+
+    As containers/image's ``GetRepositoryTags`` and ``DeleteImage``: registries.conf's ``blocked`` and ``insecure``
+    apply, its rewrites and mirrors do not (a mirror may hold fewer tags than the registry it mirrors).
+    """
+    from .registry import RegistrySource
+
+    if name.reference is None:
+        raise InvalidInput(f"{name}: not a registry name")
+    ref, insecure = (name.reference, False) if side.registries is None else side.registries.push_target(name.reference)
+    return RegistrySource(ref, (pool or ClientPool()).client(ref, _endpoint_side(side, insecure)))
+
+
 def open_destination(name: ImageName, side: SideConfig, pool: ClientPool | None = None) -> ImageDestination:
     if name.reference is not None:
         from .registry import RegistryDestination
@@ -248,5 +262,6 @@ __all__ = [
     "ImageSource",
     "SideConfig",
     "open_destination",
+    "open_repository",
     "open_source",
 ]
