@@ -613,20 +613,23 @@ ENQUEUE_SCRIPT = """
 import sys, time
 from worker.celery_executor import CeleryExecutor
 from worker.engine.plan import BlobStep, ImagePlan, ManifestStep, Plan
+from worker.engine.transports import ImageName
+from worker.registry import Digest
 from worker.state import SharedState, connect
 
 n, url = int(sys.argv[1]), sys.argv[2]
 plan = Plan()
 for i in range(n):
     src, dst = f"docker://src.example/app-{i}:v1", f"docker://dst.example/app-{i}:v1"
+    src_name, dst_name = ImageName.parse(src), ImageName.parse(dst)
     steps = []
     for k in range(3):
         digest = "sha256:" + f"{i:032x}{k:032x}"
         layer = "application/vnd.oci.image.layer.v1.tar"
-        plan.steps[f"b{i}.{k}"] = BlobStep(f"b{i}.{k}", src, dst, digest, 1 << 20, layer)
+        plan.steps[f"b{i}.{k}"] = BlobStep(f"b{i}.{k}", src_name, dst_name, Digest.parse(digest), 1 << 20, layer)
         steps.append(f"b{i}.{k}")
     raw = ('{"schemaVersion":2,"n":%d}' % i).encode()
-    plan.steps[f"m{i}"] = ManifestStep(f"m{i}", dst, raw, "application/vnd.oci.image.manifest.v1+json", None,
+    plan.steps[f"m{i}"] = ManifestStep(f"m{i}", dst_name, raw, "application/vnd.oci.image.manifest.v1+json", None,
                                        deps=tuple(steps), top=True)
     plan.images.append(ImagePlan(f"i{i + 1}", src, dst, "sha256:" + "0" * 64, "sha256:" + "1" * 64,
                                  [*steps, f"m{i}"], size=3 << 20))

@@ -111,12 +111,12 @@ class LiveProgress(LineProgress):
     def step_started(self, step: Step) -> None:
         if isinstance(step, BlobStep):
             with self._lock:
-                self._flight.setdefault(step.digest, [0, step.size])
+                self._flight.setdefault(str(step.digest), [0, step.size])
 
     def step_finished(self, step: Step, result: BlobResult | None, error: BaseException | None) -> None:
         if isinstance(step, BlobStep):
             with self._lock:
-                self._flight.pop(step.digest, None)
+                self._flight.pop(str(step.digest), None)
                 if result is not None:
                     self._blobs[result.action] = self._blobs.get(result.action, 0) + 1
 

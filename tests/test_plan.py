@@ -80,8 +80,8 @@ def resolved(
     return r
 
 
-def blob_digests(img: Image) -> set[str]:
-    return {str(d) for d, _size, _blob in img.blobs()}
+def blob_digests(img: Image) -> set[Digest]:
+    return {d for d, _size, _blob in img.blobs()}
 
 
 def manifest_steps(plan: Plan) -> list[ManifestStep]:
@@ -89,7 +89,7 @@ def manifest_steps(plan: Plan) -> list[ManifestStep]:
 
 
 def top_step(plan: Plan, destination: str | None = None) -> ManifestStep:
-    tops = [s for s in manifest_steps(plan) if s.top and (destination is None or s.destination == destination)]
+    tops = [s for s in manifest_steps(plan) if s.top and (destination is None or str(s.destination) == destination)]
     assert len(tops) == 1, tops
     return tops[0]
 
@@ -170,8 +170,8 @@ def test_single_image_one_blob_step_per_unique_digest() -> None:
     assert len(blobs) == 3  # config + two distinct layers
     assert all(not b.deps and b.mount_from is None for b in blobs)
     by_digest = {b.digest: b for b in blobs}
-    assert by_digest[str(shared.digest)].size == shared.size
-    assert by_digest[str(img.config_digest)].media_type == MediaType.DOCKER_CONFIG
+    assert by_digest[shared.digest].size == shared.size
+    assert by_digest[img.config_digest].media_type == MediaType.DOCKER_CONFIG
 
     top = top_step(plan)
     assert top.raw == img.manifest and top.media_type == V2S2
@@ -204,15 +204,15 @@ def test_shared_layer_two_repos_same_registry_one_transfer_one_mount() -> None:
     plan = plan_copy([ra, rb], CopyOptions())
     check_topological(plan)
 
-    steps = [s for s in plan.blob_steps if s.digest == str(shared.digest)]
+    steps = [s for s in plan.blob_steps if s.digest == shared.digest]
     assert len(steps) == 2
-    transfer = next(s for s in steps if s.destination.endswith("/team/a:1"))
-    mount = next(s for s in steps if s.destination.endswith("/team/b:1"))
+    transfer = next(s for s in steps if str(s.destination).endswith("/team/a:1"))
+    mount = next(s for s in steps if str(s.destination).endswith("/team/b:1"))
     assert transfer.deps == () and transfer.mount_from is None
     assert mount.deps == (transfer.id,)
     assert mount.mount_from == "team/a"
     # every other blob is planned once, with no dependency
-    others = [s for s in plan.blob_steps if s.digest != str(shared.digest)]
+    others = [s for s in plan.blob_steps if s.digest != shared.digest]
     assert len(others) == 4 and all(not s.deps for s in others)
     assert len({(s.destination, s.digest) for s in plan.blob_steps}) == len(plan.blob_steps)
 
@@ -232,7 +232,7 @@ def test_shared_layer_other_registries_are_independent_transfers() -> None:
         [resolved(a, "docker://one.test/x:1"), resolved(b, "docker://two.test/x:1")],
         CopyOptions(),
     )
-    steps = [s for s in plan.blob_steps if s.digest == str(shared.digest)]
+    steps = [s for s in plan.blob_steps if s.digest == shared.digest]
     assert len(steps) == 2
     assert all(not s.deps and s.mount_from is None for s in steps)
 
@@ -284,8 +284,8 @@ def test_up_to_date_image_does_not_drop_blobs_another_image_needs() -> None:
         assert up.up_to_date and up.steps == []
         assert {s.digest for s in plan.blob_steps} == blob_digests(b)
         # the shared layer reaches b exactly once and does not wait on a step that was dropped
-        shared_steps = [s for s in plan.blob_steps if s.digest == str(shared.digest)]
-        assert len(shared_steps) == 1 and shared_steps[0].destination.endswith("/keep/b:1")
+        shared_steps = [s for s in plan.blob_steps if s.digest == shared.digest]
+        assert len(shared_steps) == 1 and str(shared_steps[0].destination).endswith("/keep/b:1")
         assert all(sid in plan.steps for sid in todo.steps)
 
 
@@ -347,7 +347,7 @@ def test_index_child_shared_layer_is_one_step() -> None:
     base = make_layer("plan/multi-base", 400)
     idx = build_multiarch("plan/multi-shared", layers=[base, 100])
     plan = plan_copy([resolved(idx)], CopyOptions(multi_arch="all"))
-    steps = [s for s in plan.blob_steps if s.digest == str(base.digest)]
+    steps = [s for s in plan.blob_steps if s.digest == base.digest]
     assert len(steps) == 1
     users = [s for s in manifest_steps(plan) if steps[0].id in s.deps]
     assert len(users) == 3
@@ -569,3 +569,40 @@ def test_plan_json_round_trip() -> None:
     mounts = [s for s in back.blob_steps if s.mount_from]
     assert len(mounts) == 1 and mounts[0].mount_from == "json/a" and mounts[0].deps
     assert all(isinstance(s.deps, tuple) for s in back.steps.values())
+    # parsed once, here: the steps carry names and digests as values, not text to parse again
+    for s in back.steps.values():
+        assert isinstance(s.destination, ImageName) and isinstance(s.digest, Digest)
+        if isinstance(s, BlobStep):
+            assert isinstance(s.source, ImageName) and s.source_digest is None
+
+
+def test_blob_step_wire_forms_carry_text_only_and_parse_back() -> None:
+    """The task message is identifiers only (names, digest, size, type); the stored plan keeps a gzipped
+    layer's source blob; both parse back to the same typed step, and a malformed name or digest is refused."""
+    plain = Descriptor(MediaType.OCI_LAYER.value, Digest.of(b"plain"), 5)
+    step = BlobStep(
+        "b7",
+        ImageName.parse("oci:/tmp/layout:app"),
+        ImageName.parse(f"docker://{REG}/app:1"),
+        Digest.of(b"gzip"),
+        4,
+        MediaType.OCI_LAYER_GZIP.value,
+        mount_from="other/app",
+        source_digest=plain.digest,
+        source_size=plain.size,
+        source_media_type=plain.media_type,
+    )
+    message = step.to_message()
+    assert all(isinstance(v, str | int | None) for v in message)
+    assert json.loads(json.dumps(message)) == list(message)
+    back = BlobStep.from_message(*message)
+    assert (back.source, back.destination, back.digest, back.mount_from) == (
+        step.source, step.destination, step.digest, "other/app"
+    )  # fmt: skip
+    assert back.source_descriptor == back.descriptor  # a message never carries a gzip-on-the-way source
+    stored = BlobStep.from_json(json.loads(json.dumps(step.to_json())))
+    assert stored == step and stored.source_descriptor == plain
+    with pytest.raises(InvalidInput):
+        BlobStep.from_message("b1", "docker://a.test/x:1", "nowhere", str(step.digest), 4, "x")
+    with pytest.raises(InvalidInput):
+        BlobStep.from_message("b1", "docker://a.test/x:1", "docker://b.test/x:1", "sha256:short", 4, "x")

@@ -380,13 +380,14 @@ def test_live_progress_counts_images_and_shows_transfers_in_flight() -> None:
     progress = LiveProgress(out, hz=0.001)  # no timed redraw during the test: only the final one
     progress.start(Plan())
     steps = [
-        BlobStep(f"b{n}", "docker://a/b:c", "docker://d/e:f", f"sha256:{n:064x}", 1000 * (n + 1), "x") for n in range(9)
+        BlobStep.from_message(f"b{n}", "docker://a/b:c", "docker://d/e:f", f"sha256:{n:064x}", 1000 * (n + 1), "x")
+        for n in range(9)
     ]
     for n in range(3):
         progress.image_planned(ImagePlan(f"i{n}", "s", "d", "", ""), {})
     for step in steps:
         progress.step_started(step)
-    progress.on_bytes(steps[8].digest, 4500)
+    progress.on_bytes(str(steps[8].digest), 4500)
     progress.step_finished(steps[0], BlobResult("mounted"), None)
     progress.image_finished(ImageOutcome("i0", "s0", "d0", "done"))
     progress.image_finished(ImageOutcome("i1", "s1", "d1", "failed", error="boom"))
@@ -398,7 +399,7 @@ def test_live_progress_counts_images_and_shows_transfers_in_flight() -> None:
     assert head.startswith("images 2/3: 1 copied, 0 up to date, 1 failed | blobs 0 copied, 1 mounted, 0 present")
     # the largest transfers by name (most bytes first), the rest counted: never a line per blob
     assert len(flight) == LiveProgress.SHOWN + 1 and flight[-1] == "  ... and 2 more in flight"
-    assert flight[0].startswith(f"  {steps[8].digest[7:19]} [##########") and "4.4 KiB / 8.8 KiB" in flight[0]
+    assert flight[0].startswith(f"  {steps[8].digest.hex[:12]} [##########") and "4.4 KiB / 8.8 KiB" in flight[0]
     # one redraw (the final one) went to the stream: events themselves draw nothing
     written = out.getvalue()
     assert written.count("images 2/3") == 1

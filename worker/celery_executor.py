@@ -84,10 +84,8 @@ class CeleryExecutor:
                         continue
                     sent.add(sid)
                     mine += 1
-                    args = (
-                        job_id, img.id, step.id, step.source, step.destination, step.digest, step.size,
-                        step.media_type, step.mount_from, step_images.get(sid, [img.id]),
-                    )  # fmt: skip
+                    # the step's own wire form: names and a digest as text, never bytes or credentials
+                    args = (job_id, img.id, *step.to_message(), step_images.get(sid, [img.id]))
                     copy_blob.apply_async(args, producer=producer)
                 jobs.mark_enqueued(job_id, img.id)
                 if not mine and jobs.images_left(job_id, [img.id])[img.id] <= 0:

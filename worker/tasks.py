@@ -159,9 +159,16 @@ def _lock_wait(task: Task) -> float:
     return float(min(0.2 * 2**waits, LOCK_WAIT_POLL) * random.uniform(0.75, 1.25))
 
 
-def _host(name: str) -> str:
-    ref = ImageName.parse(name).reference
-    return ref.api_host if ref is not None else ""
+def _host(name: ImageName) -> str:
+    return name.reference.api_host if name.reference is not None else ""
+
+
+def _host_of(text: str) -> str:
+    """The registry of a name from a task message, or ``""`` when it does not parse (an error is being recorded)."""
+    try:
+        return _host(ImageName.parse(text))
+    except FerryError:
+        return ""
 
 
 @contextmanager
@@ -204,7 +211,7 @@ def _meter(job_id: str, step: BlobStep, worker: str) -> telemetry.TransferMeter:
         _state().r,
         job_id=job_id,
         step_id=step.id,
-        digest=step.digest,
+        digest=str(step.digest),
         size=step.size,
         worker=worker,
         source_registry=_host(step.source),
@@ -251,16 +258,17 @@ def copy_blob(
     images: list[str] | None = None,
 ) -> dict[str, Any]:
     """Make one blob exist at the destination: skip, mount, or stream it (once per registry at a time)."""
-    step = BlobStep(step_id, source, destination, digest, size, media_type, mount_from=mount_from)
     image_ids = list(images or [image_id])
     worker = _worker_name(self)
     try:
+        # the message's names and digest are parsed here, once: a malformed one fails the blob's images
+        step = BlobStep.from_message(step_id, source, destination, digest, size, media_type, mount_from)
         return _copy_blob(self, job_id, step, image_ids, worker)
     except Retry:
         raise
     except Exception as exc:
         # a permanent registry error, a bug, or Redis gone: the blob's images end failed, never stay running
-        _fail_images(job_id, step_id, image_ids, _one_line(exc), worker, _host(destination))
+        _fail_images(job_id, step_id, image_ids, _one_line(exc), worker, _host_of(destination))
         raise
 
 
@@ -269,15 +277,15 @@ def _copy_blob(self: Task, job_id: str, step: BlobStep, image_ids: list[str], wo
     jobs = state.jobs
     cancelled, current = jobs.blob_begin(job_id, step.id)
     if cancelled:
-        return {"digest": step.digest, "action": "cancelled"}
+        return {"digest": str(step.digest), "action": "cancelled"}
     if current.status == BlobStatus.DONE:
         # delivered again (or a duplicate): the first delivery may have died before starting the finalizers
         left = jobs.images_left(job_id, image_ids)
         send_finalizers(job_id, [i for i, n in left.items() if n <= 0 and not jobs.image(job_id, i).status.ended])
-        return {"digest": step.digest, "action": current.action or "done", "bytes": 0}
+        return {"digest": str(step.digest), "action": current.action or "done", "bytes": 0}
     _start_images(job_id, image_ids)
     store = blob_store(step)
-    lock = state.locks.acquire(store, step.digest, LOCK_TTL)
+    lock = state.locks.acquire(store, str(step.digest), LOCK_TTL)
     if lock is None:
         # another task is uploading this digest to this registry right now: a mount would be refused, so wait
         # and look again, soon at first (most blobs are small), then every FERRY_LOCK_POLL seconds
@@ -291,7 +299,7 @@ def _copy_blob(self: Task, job_id: str, step: BlobStep, image_ids: list[str], wo
         if ctx.cancel.is_set() or jobs.cancelled(job_id):
             jobs.set_blob(job_id, step.id, BlobState(BlobStatus.CANCELLED, worker=worker))
             telemetry.count_blob(jobs.r, "cancelled", _host(step.destination))
-            return {"digest": step.digest, "action": "cancelled"}
+            return {"digest": str(step.digest), "action": "cancelled"}
         error = " ".join(str(exc).split())
         if not is_temporary(exc):
             raise
@@ -309,7 +317,7 @@ def _copy_blob(self: Task, job_id: str, step: BlobStep, image_ids: list[str], wo
     done = BlobState(BlobStatus.DONE, result.action, result.bytes, worker)
     send_finalizers(job_id, jobs.blob_done(job_id, step.id, done, image_ids))
     telemetry.count_blob(jobs.r, result.action.value, _host(step.destination))
-    return {"digest": step.digest, "action": result.action.value, "bytes": result.bytes}
+    return {"digest": str(step.digest), "action": result.action.value, "bytes": result.bytes}
 
 
 def _transfer(self: Task, ctx: EngineContext, job_id: str, step: BlobStep, lock: Lock, worker: str) -> BlobResult:

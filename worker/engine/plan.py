@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 from worker.registry import Descriptor, Digest, InvalidInput, MediaType, NotFound, Platform
@@ -103,13 +104,34 @@ class ResolvedImage:
     #: a signature, attestation or referrer that goes along with an image (sync): never signed itself
     attachment: bool = False
 
+    @cached_property
+    def source_name(self) -> ImageName:
+        """``source`` parsed (once per image: every step of the image carries this value)."""
+        return ImageName.parse(self.source)
+
+    @cached_property
+    def destination_name(self) -> ImageName:
+        return ImageName.parse(self.destination)
+
+
+#: a blob step as a ``ferry.copy_blob`` task message carries it: id, source, destination, digest, size, media
+#: type, mount_from. Identifiers only: names and a digest, never bytes, clients or credentials.
+BlobMessage = tuple[str, str, str, str, int, str, str | None]
+
 
 @dataclass(frozen=True)
 class BlobStep:
+    """Make one blob exist at one destination. Names and digests are parsed values, parsed once (at planning,
+    or where a step comes in from outside: ``from_json``, ``from_message``), never re-parsed by the step runners.
+
+    ``media_type`` stays a string: layers and artifacts carry types of their own, beyond the ``MediaType`` enum
+    (whose members compare equal to the strings).
+    """
+
     id: str
-    source: str
-    destination: str
-    digest: str
+    source: ImageName
+    destination: ImageName
+    digest: Digest
     size: int
     media_type: str
     #: a repository in the same registry to mount from once ``deps`` are done
@@ -117,26 +139,92 @@ class BlobStep:
     deps: tuple[str, ...] = ()
     kind: str = "blob"
     #: set when the blob is gzipped on the way: the plain layer read from the source (digest, size, type)
-    source_digest: str = ""
+    source_digest: Digest | None = None
     source_size: int = 0
     source_media_type: str = ""
 
     @property
     def descriptor(self) -> Descriptor:
-        return Descriptor(self.media_type, Digest.parse(self.digest), self.size)
+        return Descriptor(self.media_type, self.digest, self.size)
 
     @property
     def source_descriptor(self) -> Descriptor:
         """What is read from the source: the blob itself, or the plain layer that is gzipped on the way."""
-        if not self.source_digest:
+        if self.source_digest is None:
             return self.descriptor
-        return Descriptor(self.source_media_type, Digest.parse(self.source_digest), self.source_size)
+        return Descriptor(self.source_media_type, self.source_digest, self.source_size)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "source": str(self.source),
+            "destination": str(self.destination),
+            "digest": str(self.digest),
+            "size": self.size,
+            "media_type": self.media_type,
+            "mount_from": self.mount_from,
+            "deps": list(self.deps),
+            "kind": self.kind,
+            "source_digest": str(self.source_digest) if self.source_digest is not None else "",
+            "source_size": self.source_size,
+            "source_media_type": self.source_media_type,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> BlobStep:
+        return cls(
+            str(d["id"]),
+            ImageName.parse(d["source"]),
+            ImageName.parse(d["destination"]),
+            Digest.parse(d["digest"]),
+            int(d["size"]),
+            str(d["media_type"]),
+            mount_from=d.get("mount_from"),
+            deps=tuple(d.get("deps") or ()),
+            source_digest=Digest.parse(d["source_digest"]) if d.get("source_digest") else None,
+            source_size=int(d.get("source_size") or 0),
+            source_media_type=str(d.get("source_media_type") or ""),
+        )
+
+    def to_message(self) -> BlobMessage:
+        """The step as a blob task carries it (a gzipped layer never goes to workers: ``--queue`` refuses it)."""
+        return (
+            self.id, str(self.source), str(self.destination), str(self.digest), self.size, self.media_type,
+            self.mount_from,
+        )  # fmt: skip
+
+    @classmethod
+    def from_message(
+        cls,
+        step_id: str,
+        source: str,
+        destination: str,
+        digest: str,
+        size: int,
+        media_type: str,
+        mount_from: str | None = None,
+    ) -> BlobStep:
+        """Parse a task's step once, when the task starts (``InvalidInput`` when a name or digest is malformed)."""
+        return cls(
+            step_id,
+            ImageName.parse(source),
+            ImageName.parse(destination),
+            Digest.parse(digest),
+            int(size),
+            media_type,
+            mount_from=mount_from,
+        )
 
 
 @dataclass(frozen=True)
 class ManifestStep:
+    """Push one manifest (a child by digest, the top manifest at the destination's reference, or a tag).
+
+    ``media_type`` stays a string: artifact manifests carry their own ``mediaType``.
+    """
+
     id: str
-    destination: str
+    destination: ImageName
     raw: bytes
     media_type: str
     #: a tag, or ``None``: by digest, or for the top manifest the destination's own reference
@@ -149,6 +237,30 @@ class ManifestStep:
     @property
     def digest(self) -> Digest:
         return Digest.of(self.raw)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "destination": str(self.destination),
+            "raw": self.raw.decode(),
+            "media_type": self.media_type,
+            "tag": self.tag,
+            "deps": list(self.deps),
+            "kind": self.kind,
+            "top": self.top,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ManifestStep:
+        return cls(
+            str(d["id"]),
+            ImageName.parse(d["destination"]),
+            str(d["raw"]).encode(),
+            str(d["media_type"]),
+            d.get("tag"),
+            tuple(d.get("deps") or ()),
+            top=bool(d.get("top")),
+        )
 
 
 Step = BlobStep | ManifestStep
@@ -192,25 +304,16 @@ class Plan:
         return [s for s in self.steps.values() if isinstance(s, BlobStep)]
 
     def to_json(self) -> dict[str, Any]:
-        steps = []
-        for s in self.steps.values():
-            d = asdict(s)
-            if isinstance(s, ManifestStep):
-                d["raw"] = s.raw.decode()
-            steps.append(d)
-        return {"images": [asdict(i) for i in self.images], "steps": steps}
+        """The plan as JSON (the Celery executor stores it with the job): names and digests as text."""
+        return {"images": [asdict(i) for i in self.images], "steps": [s.to_json() for s in self.steps.values()]}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Plan:
+        """Parse a stored plan once: every step's names and digests become typed values here."""
         plan = cls(images=[ImagePlan(**i) for i in obj["images"]])
         for d in obj["steps"]:
-            d = dict(d)
-            d["deps"] = tuple(d.get("deps") or ())
-            if d["kind"] == "manifest":
-                d["raw"] = d["raw"].encode()
-                plan.steps[d["id"]] = ManifestStep(**d)
-            else:
-                plan.steps[d["id"]] = BlobStep(**d)
+            step = ManifestStep.from_json(d) if d["kind"] == "manifest" else BlobStep.from_json(d)
+            plan.steps[step.id] = step
         return plan
 
 
@@ -353,26 +456,26 @@ class _Builder:
         first = self.first.get(store_key)
         plain = r.recompress.get(str(desc.digest))
         gzip_from: dict[str, Any] = (
-            {"source_digest": str(plain.digest), "source_size": plain.size, "source_media_type": plain.media_type}
+            {"source_digest": plain.digest, "source_size": plain.size, "source_media_type": plain.media_type}
             if plain is not None
             else {}
         )
         if first is None:
             step = BlobStep(
-                self._id("b"), r.source, r.destination, str(desc.digest), desc.size, desc.media_type, **gzip_from
+                self._id("b"), r.source_name, r.destination_name, desc.digest, desc.size, desc.media_type, **gzip_from
             )
             self.first[store_key] = step
         else:
             mount_from = None
             if r.dest_info.is_registry:
-                first_repo = ImageName.parse(first.destination).reference
+                first_repo = first.destination.reference
                 if first_repo is not None and first_repo.repository != r.dest_info.repository:
                     mount_from = first_repo.repository
             step = BlobStep(
                 self._id("b"),
-                r.source,
-                r.destination,
-                str(desc.digest),
+                r.source_name,
+                r.destination_name,
+                desc.digest,
                 desc.size,
                 desc.media_type,
                 mount_from=mount_from,
@@ -389,7 +492,9 @@ class _Builder:
         key = (r.destination, str(Digest.of(raw)), tag if not top else f"top:{tag}")
         if key in self.manifests:
             return self.manifests[key]
-        step = ManifestStep(self._id("m"), r.destination, raw, media_type, tag, tuple(dict.fromkeys(deps)), top=top)
+        step = ManifestStep(
+            self._id("m"), r.destination_name, raw, media_type, tag, tuple(dict.fromkeys(deps)), top=top
+        )
         self.plan.steps[step.id] = step
         self.manifests[key] = step.id
         return step.id

@@ -116,34 +116,35 @@ class EngineContext:
     admission: Admission | None = None
     #: per-host caps on blob transfers in flight
     hosts: HostSlots = field(default_factory=HostSlots)
-    _sources: dict[str, ImageSource] = field(default_factory=dict)
-    _dests: dict[str, ImageDestination] = field(default_factory=dict)
+    _sources: dict[ImageName, ImageSource] = field(default_factory=dict)
+    _dests: dict[ImageName, ImageDestination] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _manifest_locks: dict[str, threading.Lock] = field(default_factory=dict)
 
-    def source(self, name: str) -> ImageSource:
+    def source(self, name: str | ImageName) -> ImageSource:
+        parsed = ImageName.parse(name) if isinstance(name, str) else name
         with self._lock:
-            src = self._sources.get(name)
+            src = self._sources.get(parsed)
             if src is None:
-                parsed = ImageName.parse(name)
                 side = self.source_side
                 if parsed.reference is not None:
                     side = self.source_sides.get(parsed.reference.registry, side)
                 src = open_source(parsed, side, self.pool)
-                self._sources[name] = src
+                self._sources[parsed] = src
             return src
 
     def opened_sources(self) -> dict[str, ImageSource]:
         """The sources opened so far, by name (a queued job pins the endpoint each registry image came from)."""
         with self._lock:
-            return dict(self._sources)
+            return {str(name): src for name, src in self._sources.items()}
 
-    def destination(self, name: str) -> ImageDestination:
+    def destination(self, name: str | ImageName) -> ImageDestination:
+        parsed = ImageName.parse(name) if isinstance(name, str) else name
         with self._lock:
-            dest = self._dests.get(name)
+            dest = self._dests.get(parsed)
             if dest is None:
-                dest = open_destination(ImageName.parse(name), self.dest_side, self.pool)
-                self._dests[name] = dest
+                dest = open_destination(parsed, self.dest_side, self.pool)
+                self._dests[parsed] = dest
             return dest
 
     def admit(self, name: ImageName, src: ImageSource, resolved: ResolvedImage) -> None:
@@ -151,10 +152,9 @@ class EngineContext:
         if self.admission is not None:
             self.admission.check(name, src, resolved)
 
-    def manifest_lock(self, destination: str) -> threading.Lock:
+    def manifest_lock(self, destination: ImageName) -> threading.Lock:
         """Local layouts rewrite one index file: serialise manifest writes per destination store."""
-        name = ImageName.parse(destination)
-        key = name.details.split(":", 1)[0] if name.reference is None else destination
+        key = destination.details.split(":", 1)[0] if destination.reference is None else str(destination)
         with self._lock:
             return self._manifest_locks.setdefault(key, threading.Lock())
 
@@ -164,7 +164,7 @@ class EngineContext:
     def commit(self, names: list[str] | None = None) -> None:
         """Commit destinations (archives are written here)."""
         with self._lock:
-            dests = [d for n, d in self._dests.items() if names is None or n in names]
+            dests = [d for n, d in self._dests.items() if names is None or str(n) in names]
         for d in dests:
             d.commit()
 
@@ -211,7 +211,7 @@ def run_blob_step(ctx: EngineContext, step: BlobStep, *, deps_done: bool = False
 
 def blob_store(step: BlobStep) -> str:
     """The store (``docker://registry`` or a local path) the blob goes to: in-flight locks are per store."""
-    return _store_of(ImageName.parse(step.destination))[0]
+    return _store_of(step.destination)[0]
 
 
 def existing_blob(ctx: EngineContext, step: BlobStep, *, deps_done: bool = False) -> BlobResult | None:
@@ -225,18 +225,18 @@ def existing_blob(ctx: EngineContext, step: BlobStep, *, deps_done: bool = False
     map knows.
     """
     desc = step.descriptor
-    dest_name = ImageName.parse(step.destination)
+    digest = str(step.digest)
     dest = ctx.destination(step.destination)
-    store, repo = _store_of(dest_name)
+    store, repo = _store_of(step.destination)
     retry = ctx.retry_policy()
 
     def mount(other: str) -> bool:
         try:
             if retry.run(lambda: dest.mount_blob(desc, other)):
-                ctx.locations.add(store, step.digest, repo)
+                ctx.locations.add(store, digest, repo)
                 return True
         except FerryError as exc:
-            log.info("mount of %s from %s refused (%s); uploading", step.digest, other, exc)
+            log.info("mount of %s from %s refused (%s); uploading", digest, other, exc)
         return False
 
     if deps_done and repo and step.deps and not step.mount_from:
@@ -245,7 +245,7 @@ def existing_blob(ctx: EngineContext, step: BlobStep, *, deps_done: bool = False
     tried: set[str] = set()
     if repo:
         sure = [step.mount_from] if step.mount_from else []
-        src_name = ImageName.parse(step.source)
+        src_name = step.source
         if src_name.reference is not None and _store_of(src_name)[0] == store:
             # same registry on both sides: mount straight from the source repository
             sure.append(src_name.reference.repository)
@@ -256,10 +256,10 @@ def existing_blob(ctx: EngineContext, step: BlobStep, *, deps_done: bool = False
                     return BlobResult(BlobAction.MOUNTED)
     if retry.run(lambda: dest.blob_exists(desc)):
         if repo:
-            ctx.locations.add(store, step.digest, repo)
+            ctx.locations.add(store, digest, repo)
         return BlobResult(BlobAction.SKIPPED)
     if repo:
-        for other in ctx.locations.where(store, step.digest):
+        for other in ctx.locations.where(store, digest):
             if other not in tried and other != repo:
                 tried.add(other)
                 if mount(other):
@@ -270,8 +270,9 @@ def existing_blob(ctx: EngineContext, step: BlobStep, *, deps_done: bool = False
 def transfer_blob(ctx: EngineContext, step: BlobStep) -> BlobResult:
     """Stream the blob from the source to the destination, verified; retried as a whole."""
     desc = step.descriptor
+    digest = str(step.digest)
     dest = ctx.destination(step.destination)
-    store, repo = _store_of(ImageName.parse(step.destination))
+    store, repo = _store_of(step.destination)
     retry = ctx.retry_policy()
     src = ctx.source(step.source)
 
@@ -279,25 +280,22 @@ def transfer_blob(ctx: EngineContext, step: BlobStep) -> BlobResult:
         if ctx.cancel.is_set():
             raise Cancelled("copy interrupted")
         if ctx.on_attempt is not None:
-            ctx.on_attempt(step.digest)
+            ctx.on_attempt(digest)
         # A failed attempt restarts the whole upload session: a streamed body cannot be replayed.
         with src.open_blob(step.source_descriptor) as chunks:
             # a plain layer for a registry is gzipped on the fly; the destination verifies the gzip digest
-            body = gzip_stream(chunks) if step.source_digest else chunks
-            dest.put_blob(desc, _stream(ctx, step.digest, body))
+            body = gzip_stream(chunks) if step.source_digest is not None else chunks
+            dest.put_blob(desc, _stream(ctx, digest, body))
         return BlobResult(BlobAction.TRANSFERRED, desc.size)
 
-    hosts = [
-        n.reference.api_host for n in (ImageName.parse(step.source), ImageName.parse(step.destination)) if n.reference
-    ]
+    hosts = [n.reference.api_host for n in (step.source, step.destination) if n.reference]
     with ctx.hosts.hold(hosts, ctx.cancel):
         result = retry.run(transfer)
     if repo:
-        ctx.locations.add(store, step.digest, repo)
-    src_name = ImageName.parse(step.source)
-    if src_name.reference is not None:
-        src_store, src_repo = _store_of(src_name)
-        ctx.locations.add(src_store, step.digest, src_repo)
+        ctx.locations.add(store, digest, repo)
+    if step.source.reference is not None:
+        src_store, src_repo = _store_of(step.source)
+        ctx.locations.add(src_store, digest, src_repo)
     return result
 
 

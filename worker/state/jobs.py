@@ -299,15 +299,13 @@ class JobStore:
             for sid in img.steps:
                 step = plan.steps[sid]
                 if isinstance(step, ManifestStep):
-                    d = asdict(step)
-                    d["raw"] = step.raw.decode()
-                    steps.append(d)
+                    steps.append(step.to_json())
             manifests[img.id] = json.dumps(steps)
             mine = [sid for sid in img.steps if sid in blob_ids]
             image_blobs[img.id] = json.dumps(mine)
             left[img.id] = len(mine)
         blobs = {
-            s.id: _compact({"digest": s.digest, "size": s.size, "images": step_images.get(s.id, [])})
+            s.id: _compact({"digest": str(s.digest), "size": s.size, "images": step_images.get(s.id, [])})
             for s in plan.blob_steps
         }
         for suffix, mapping in (
@@ -375,12 +373,7 @@ class JobStore:
 
     def manifest_steps(self, job_id: str, image_id: str) -> list[ManifestStep]:
         raw = self.r.hget(k.job(job_id, ":manifests"), image_id)
-        steps = []
-        for s in json.loads(cast(str, raw)) if raw else []:
-            s["raw"] = s["raw"].encode()
-            s["deps"] = tuple(s.get("deps") or ())
-            steps.append(ManifestStep(**s))
-        return steps
+        return [ManifestStep.from_json(s) for s in json.loads(cast(str, raw))] if raw else []
 
     # -- what a blob task reads and writes ---------------------------------------------------------------------------
 
