@@ -148,8 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_retry_flags(p)
     p.add_argument("image", metavar="IMAGE-NAME")
 
+    p = verb("layers", verbs.layers, "Get layers of IMAGE-NAME (deprecated: use copy)")
+    add_side_flags(p)
+    add_retry_flags(p)
+    p.add_argument("image", metavar="IMAGE-NAME")
+    p.add_argument("layers", nargs="*", metavar="LAYER")
+
     p = verb("login", verbs.login, "Log in to a registry and store the credentials")
     p.add_argument("--authfile", metavar="PATH", help="path of the authentication file")
+    p.add_argument(
+        "--compat-auth-file", metavar="PATH", help="path of a Docker-compatible config file to update instead"
+    )
     p.add_argument("--username", "-u", metavar="USERNAME")
     p.add_argument("--password", "-p", metavar="PASSWORD")
     add_bool(p, "--password-stdin", help="read the password from standard input")
@@ -161,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("logout", verbs.logout, "Remove stored credentials for a registry")
     p.add_argument("--authfile", metavar="PATH", help="path of the authentication file")
+    p.add_argument(
+        "--compat-auth-file", metavar="PATH", help="path of a Docker-compatible config file to update instead"
+    )
     add_bool(p, "--all", "-a", help="remove the credentials of every registry")
     p.add_argument("registry", nargs="?", metavar="REGISTRY")
 

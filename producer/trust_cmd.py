@@ -49,6 +49,7 @@ def add_copy_flags(p: argparse.ArgumentParser) -> None:
     )
     add_bool(p, "--require-signed", help="refuse images no signature was verified for, whatever the policy says")
     p.add_argument("--sign-by", help=argparse.SUPPRESS)
+    p.add_argument("--sign-by-sq-fingerprint", help=argparse.SUPPRESS)
     p.add_argument("--sign-by-sigstore", help=argparse.SUPPRESS)
 
 
@@ -73,6 +74,11 @@ def signing_config(args: argparse.Namespace) -> SigningConfig | None:
     if getattr(args, "sign_by", None):
         raise InvalidInput(
             "--sign-by: GPG simple signing is not supported by Ferry; use --sign-by-sigstore-private-key"
+        )
+    if getattr(args, "sign_by_sq_fingerprint", None):
+        raise InvalidInput(
+            "--sign-by-sq-fingerprint: Sequoia-PGP simple signing is not supported by Ferry;"
+            " use --sign-by-sigstore-private-key"
         )
     if getattr(args, "sign_by_sigstore", None):
         raise InvalidInput(

@@ -192,8 +192,40 @@ def _registry_arg(text: str) -> str:
     return text.rstrip("/")
 
 
+def _compat_auth_file(args: argparse.Namespace, registry: str | None) -> str | None:
+    """``--compat-auth-file PATH``: a Docker config.json to edit instead (containers/common's rules)."""
+    path: str | None = getattr(args, "compat_auth_file", None)
+    if not path:
+        return None
+    if args.authfile:
+        raise InvalidInput(
+            "options for paths to the credential file and to the Docker-compatible credential file can not be"
+            " set simultaneously"
+        )
+    if registry and "/" in registry:
+        raise InvalidInput(
+            f'Credentials cannot be recorded in Docker-compatible format with namespaced key "{registry}"'
+        )
+    return path
+
+
+def _docker_hub_key(path: str) -> None:
+    """In a Docker config.json, Docker Hub's key is ``https://index.docker.io/v1/`` (as Docker writes it)."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    auths = data.get("auths")
+    if isinstance(auths, dict) and "docker.io" in auths:
+        auths["https://index.docker.io/v1/"] = auths.pop("docker.io")
+        from worker.registry._fs import atomic_write
+
+        atomic_write(path, [(json.dumps(data, indent="\t") + "\n").encode()], mode=0o600)
+
+
 def login(args: argparse.Namespace) -> int:
     registry = _registry_arg(args.registry)
+    compat = _compat_auth_file(args, registry)
+    if compat:
+        args.authfile = compat
     if args.get_login:
         user = get_login(registry, authfile=args.authfile)
         if user is None:
@@ -228,6 +260,8 @@ def login(args: argparse.Namespace) -> int:
     finally:
         client.close()
     path = store_login(registry, creds, authfile=args.authfile)
+    if compat and registry in ("docker.io", "index.docker.io", "registry-1.docker.io"):
+        _docker_hub_key(str(path))
     if args.verbose:
         print(f"Used: {path}", file=sys.stderr)
     _write("Login Succeeded!\n")
@@ -235,6 +269,9 @@ def login(args: argparse.Namespace) -> int:
 
 
 def logout(args: argparse.Namespace) -> int:
+    compat = _compat_auth_file(args, _registry_arg(args.registry) if args.registry else None)
+    if compat:
+        args.authfile = compat
     authfile = args.authfile or os.environ.get("REGISTRY_AUTH_FILE")
     if authfile and not os.path.exists(authfile):
         # skopeo (containers/common CheckAuthFile): a named auth file must exist
@@ -251,4 +288,50 @@ def logout(args: argparse.Namespace) -> int:
     if not remove_login(registry, authfile=args.authfile):
         raise InvalidInput(f"not logged into {registry}")
     _write(f"Removed login credentials for {registry}\n")
+    return 0
+
+
+LAYERS_DEPRECATED = "DEPRECATED: ferry layers is deprecated in favor of ferry copy"
+
+
+def layers(args: argparse.Namespace) -> int:
+    """skopeo's deprecated ``layers IMAGE [LAYER...]``: the image's layers and config (or the LAYERs named) and
+    its manifest, into a new ``layers-*`` directory here, in the ``dir:`` layout."""
+    import tempfile
+
+    from worker.engine.inspect import resolve_image
+    from worker.engine.manifest import parse_manifest
+    from worker.engine.transports.dir import DirDestination
+
+    print(LAYERS_DEPRECATED, file=sys.stderr)
+    name = ImageName.parse(args.image)
+    pool = ClientPool()
+    try:
+        with open_source(name, side_config(args), pool) as src:
+            _top, _top_type, raw, media_type = resolve_image(src, _wanted_platform(args))
+            m = parse_manifest(raw, media_type)
+            if m.is_index:
+                raise InvalidInput(f"{name}: no image for this platform in the index")
+            known = {str(d.digest): d for d in [*m.layers, *([m.config] if m.config is not None else [])]}
+            wanted = []
+            for text in args.layers:
+                digest = str(Digest.parse(text if text.startswith("sha256:") else f"sha256:{text}"))
+                if digest not in known:
+                    # skopeo would fetch any blob by digest; Ferry reads only blobs whose size the manifest gives
+                    raise InvalidInput(f"{digest}: not a layer or the config of {name}")
+                wanted.append(known[digest])
+            if not args.layers:
+                wanted = list({str(d.digest): d for d in m.layers}.values())
+                wanted += [m.config] if m.config is not None else []
+            dest = DirDestination(tempfile.mkdtemp(prefix="layers-", dir="."))
+            try:
+                for desc in wanted:
+                    with src.open_blob(desc) as chunks:
+                        dest.put_blob(desc, chunks)
+                dest.put_manifest(raw, media_type)
+                dest.commit()
+            finally:
+                dest.close()
+    finally:
+        pool.close()
     return 0
