@@ -11,6 +11,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from worker.engine.compression import CompressionOptions
 from worker.engine.copy import CopyJob, build_plan
 from worker.engine.executor import EmbeddedExecutor, PlanFeed, Report
 from worker.engine.inspect import host_platform
@@ -74,13 +75,23 @@ def add_copy_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--digestfile", metavar="PATH", help="write the digest of the written manifest to PATH")
     p.add_argument("--summary-json", metavar="PATH", help="write the run summary as JSON to PATH")
     add_bool(p, "--quiet", "-q", help="print nothing but errors")
-    # skopeo's compression choices: refused in copy_options (Ferry only gzips plain layers for a registry)
-    add_bool(p, "--dest-compress", help=argparse.SUPPRESS)
-    add_bool(p, "--dest-decompress", help=argparse.SUPPRESS)
-    p.add_argument("--dest-compress-format", help=argparse.SUPPRESS)
-    p.add_argument("--dest-compress-level", help=argparse.SUPPRESS)
-    add_bool(p, "--dest-force-compress-format", help=argparse.SUPPRESS)
-    # what Ferry always does: uncompressed layers stay uncompressed in oci:, digests are known before pushing
+    # skopeo's compression choices (worker/engine/compression.py)
+    add_bool(p, "--dest-compress", help="compress plain layers when writing to a dir: destination")
+    add_bool(p, "--dest-decompress", help="decompress layers when writing to a dir: destination")
+    p.add_argument(
+        "--dest-compress-format",
+        metavar="FORMAT",
+        help="gzip or zstd: compress plain layers with it, recompress layers in another format (registry, oci:, dir:)",
+    )
+    p.add_argument(
+        "--dest-compress-level", metavar="LEVEL", help="compression level (gzip 0-9, default 6; zstd 1-22, default 3)"
+    )
+    add_bool(
+        p,
+        "--dest-force-compress-format",
+        help="recompress every layer to --dest-compress-format, even one the destination already holds",
+    )
+    # plain layers stay plain in oci: (Ferry's default); with it, --dest-compress-format leaves oci: layers alone too
     add_bool(p, "--dest-oci-accept-uncompressed-layers", help=argparse.SUPPRESS)
     add_bool(p, "--dest-precompute-digests", help=argparse.SUPPRESS)
     # ocicrypt: refused in copy_options
@@ -122,15 +133,6 @@ def queue_url(args: argparse.Namespace) -> str | None:
 
 def refuse_unsupported(args: argparse.Namespace) -> None:
     """skopeo flags Ferry cannot honour: a clear error, never a flag accepted and ignored."""
-    for flag in ("dest_compress", "dest_decompress", "dest_compress_format", "dest_compress_level"):
-        if getattr(args, flag, None):
-            name = "--" + flag.replace("_", "-")
-            raise InvalidInput(
-                f"{name}: not supported (Ferry keeps layers as they are, except that it gzips plain layers for"
-                " a registry)"
-            )
-    if getattr(args, "dest_force_compress_format", False):
-        raise InvalidInput("--dest-force-compress-format: not supported (Ferry does not recompress layers)")
     if getattr(args, "encryption_key", None) or getattr(args, "encrypt_layer", None):
         raise InvalidInput("--encryption-key/--encrypt-layer: Ferry does not encrypt layers (ocicrypt)")
     if getattr(args, "decryption_key", None):
@@ -157,6 +159,19 @@ def copy_options(args: argparse.Namespace, *, dest_transport: str | None = None)
         preserve_digests=args.preserve_digests,
         remove_signatures=args.remove_signatures,
         additional_tags=tuple(getattr(args, "additional_tag", [])),
+        compression=compression_options(args),
+    )
+
+
+def compression_options(args: argparse.Namespace) -> CompressionOptions:
+    """``--dest-compress-format``/``-level``, ``--dest-force-compress-format``, ``--dest-(de)compress``, checked."""
+    return CompressionOptions.parse(
+        getattr(args, "dest_compress_format", None),
+        getattr(args, "dest_compress_level", None),
+        force=bool(getattr(args, "dest_force_compress_format", False)),
+        dir_compress=bool(getattr(args, "dest_compress", False)),
+        dir_decompress=bool(getattr(args, "dest_decompress", False)),
+        oci_accept_uncompressed=bool(getattr(args, "dest_oci_accept_uncompressed_layers", False)),
     )
 
 

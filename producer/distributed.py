@@ -134,10 +134,6 @@ def submit_plan(
                 raise InvalidInput(
                     f"{name}: with --queue both sides must be docker:// registries (workers run on other machines)"
                 )
-    gzipped = [s for s in plan.blob_steps if s.source_digest is not None]
-    if gzipped:
-        # workers copy blobs byte for byte; gzipping a plain layer on the way happens only in this process
-        raise InvalidInput(f"{gzipped[0].source}: its uncompressed layers must be gzipped, which --queue does not do")
     side_creds = [getattr(args, f"{p}creds", None) or getattr(args, f"{p}username", None) for p in ("src_", "dest_")]
     quiet = getattr(args, "quiet", False)
     if any(side_creds) and not quiet:

@@ -86,7 +86,10 @@ class CeleryExecutor:
                     mine += 1
                     # the step's own wire form: names and a digest as text, never bytes or credentials
                     args = (job_id, img.id, *step.to_message(), step_images.get(sid, [img.id]))
-                    copy_blob.apply_async(args, producer=producer)
+                    # a layer (de/re)compressed on the way: the worker reads the source layer and transforms it
+                    recompress = step.recompress_message()
+                    kwargs = {"recompress": recompress} if recompress is not None else {}
+                    copy_blob.apply_async(args, kwargs, producer=producer)
                 jobs.mark_enqueued(job_id, img.id)
                 if not mine and jobs.images_left(job_id, [img.id])[img.id] <= 0:
                     # nothing of its own to copy (all done, or shared with an image sent before): finalize now

@@ -256,13 +256,18 @@ def copy_blob(
     media_type: str,
     mount_from: str | None = None,
     images: list[str] | None = None,
+    recompress: list[Any] | None = None,
 ) -> dict[str, Any]:
-    """Make one blob exist at the destination: skip, mount, or stream it (once per registry at a time)."""
+    """Make one blob exist at the destination: skip, mount, or stream it (once per registry at a time).
+
+    ``recompress``: [source digest, source size, source media type, transform] of a layer (de/re)compressed on
+    the way (``BlobStep.recompress_message``).
+    """
     image_ids = list(images or [image_id])
     worker = _worker_name(self)
     try:
         # the message's names and digest are parsed here, once: a malformed one fails the blob's images
-        step = BlobStep.from_message(step_id, source, destination, digest, size, media_type, mount_from)
+        step = BlobStep.from_message(step_id, source, destination, digest, size, media_type, mount_from, recompress)
         return _copy_blob(self, job_id, step, image_ids, worker)
     except Retry:
         raise

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from typing import Any, Literal
 
-from worker.registry import Descriptor, Digest, InvalidInput, MediaType, NotFound, Platform
+from worker.registry import Descriptor, Digest, FerryError, InvalidInput, MediaType, NotFound, Platform
 
+from .compression import CompressionOptions, Desired, LayerChange
 from .manifest import INDEX_TYPES, ParsedManifest, convert_manifest, parse_manifest, pick_platform
 from .transports import ImageDestination, ImageName, ImageSource
 
@@ -43,6 +44,8 @@ class CopyOptions:
     preserve_digests: bool = False
     remove_signatures: bool = False
     additional_tags: tuple[str, ...] = ()
+    #: --dest-compress-format/-level, --dest-force-compress-format, --dest-compress/--dest-decompress
+    compression: CompressionOptions = field(default_factory=CompressionOptions)
 
 
 @dataclass(frozen=True)
@@ -99,8 +102,8 @@ class ResolvedImage:
     extras: list[tuple[SourceManifest, str | None]] = field(default_factory=list)
     #: options for this image when they differ from the plan's (sync: platforms per registry entry)
     options: CopyOptions | None = None
-    #: layers gzipped on the way (a plain tar pushed to a registry): gzip digest -> the source's plain layer
-    recompress: dict[str, Descriptor] = field(default_factory=dict)
+    #: layers (de/re)compressed on the way: destination digest -> what is read and what is done to it
+    recompress: dict[str, LayerChange] = field(default_factory=dict)
     #: a signature, attestation or referrer that goes along with an image (sync): never signed itself
     attachment: bool = False
 
@@ -117,6 +120,9 @@ class ResolvedImage:
 #: a blob step as a ``ferry.copy_blob`` task message carries it: id, source, destination, digest, size, media
 #: type, mount_from. Identifiers only: names and a digest, never bytes, clients or credentials.
 BlobMessage = tuple[str, str, str, str, int, str, str | None]
+#: a layer (de/re)compressed on the way, as the task's ``recompress`` keyword carries it: source digest, source
+#: size, source media type, transform
+RecompressMessage = list[Any]
 
 
 @dataclass(frozen=True)
@@ -138,18 +144,28 @@ class BlobStep:
     mount_from: str | None = None
     deps: tuple[str, ...] = ()
     kind: str = "blob"
-    #: set when the blob is gzipped on the way: the plain layer read from the source (digest, size, type)
+    #: set when the blob is (de/re)compressed on the way: the layer read from the source (digest, size, type)
     source_digest: Digest | None = None
     source_size: int = 0
     source_media_type: str = ""
+    #: what the copy does to that layer: ``gzip:LEVEL``, ``zstd:LEVEL`` or ``plain`` (decompress); empty
+    #: with ``source_digest`` set means ``gzip:6`` (steps planned before this field existed)
+    recompress: str = ""
 
     @property
     def descriptor(self) -> Descriptor:
         return Descriptor(self.media_type, self.digest, self.size)
 
     @property
+    def recompress_op(self) -> str:
+        """The transform the copy applies (empty: the blob is copied byte for byte)."""
+        if self.source_digest is None:
+            return ""
+        return self.recompress or "gzip:6"
+
+    @property
     def source_descriptor(self) -> Descriptor:
-        """What is read from the source: the blob itself, or the plain layer that is gzipped on the way."""
+        """What is read from the source: the blob itself, or the layer (de/re)compressed on the way."""
         if self.source_digest is None:
             return self.descriptor
         return Descriptor(self.source_media_type, self.source_digest, self.source_size)
@@ -168,6 +184,7 @@ class BlobStep:
             "source_digest": str(self.source_digest) if self.source_digest is not None else "",
             "source_size": self.source_size,
             "source_media_type": self.source_media_type,
+            "recompress": self.recompress,
         }
 
     @classmethod
@@ -184,14 +201,21 @@ class BlobStep:
             source_digest=Digest.parse(d["source_digest"]) if d.get("source_digest") else None,
             source_size=int(d.get("source_size") or 0),
             source_media_type=str(d.get("source_media_type") or ""),
+            recompress=str(d.get("recompress") or ""),
         )
 
     def to_message(self) -> BlobMessage:
-        """The step as a blob task carries it (a gzipped layer never goes to workers: ``--queue`` refuses it)."""
+        """The step as a blob task carries it (a (de/re)compressed layer adds :meth:`recompress_message`)."""
         return (
             self.id, str(self.source), str(self.destination), str(self.digest), self.size, self.media_type,
             self.mount_from,
         )  # fmt: skip
+
+    def recompress_message(self) -> RecompressMessage | None:
+        """What a worker must do to the layer it reads (``None``: copy byte for byte)."""
+        if self.source_digest is None:
+            return None
+        return [str(self.source_digest), self.source_size, self.source_media_type, self.recompress_op]
 
     @classmethod
     def from_message(
@@ -203,8 +227,10 @@ class BlobStep:
         size: int,
         media_type: str,
         mount_from: str | None = None,
+        recompress: RecompressMessage | None = None,
     ) -> BlobStep:
         """Parse a task's step once, when the task starts (``InvalidInput`` when a name or digest is malformed)."""
+        src_digest, src_size, src_type, op = recompress or ("", 0, "", "")
         return cls(
             step_id,
             ImageName.parse(source),
@@ -213,6 +239,10 @@ class BlobStep:
             int(size),
             media_type,
             mount_from=mount_from,
+            source_digest=Digest.parse(str(src_digest)) if src_digest else None,
+            source_size=int(src_size),
+            source_media_type=str(src_type),
+            recompress=str(op),
         )
 
 
@@ -352,13 +382,11 @@ def resolve_image(
         elif options.multi_arch != "index-only":
             for d in _selected(index.manifests, options.platforms):
                 resolved.children[d.digest] = _fetch(src, d.digest)
-    if (
-        source_name.reference is None  # registry to registry stays byte for byte: digests are preserved
-        and resolved.dest_info.is_registry
-        and resolved.top.media_type not in INDEX_TYPES
-        and options.multi_arch != "index-only"
-    ):
-        _gzip_plain_layers(src, resolved, options)
+    desired = options.compression.desired(destination_name.transport)
+    if source_name.reference is not None and not options.compression.explicit:
+        desired = "preserve"  # registry to registry stays byte for byte unless a compression flag asks otherwise
+    if desired != "preserve" and options.multi_arch != "index-only":
+        options = _recompress_layers(src, dest, resolved, options, desired)
     resolved.options = options
     if head_destination:
         try:
@@ -369,27 +397,88 @@ def resolve_image(
     return resolved
 
 
-def _gzip_plain_layers(src: ImageSource, resolved: ResolvedImage, options: CopyOptions) -> None:
-    """A registry gets gzip layers (as containers/image pushes them): learn each one's digest, rewrite the manifest."""
-    from .compression import GZIP_OF, compressible_layers, measure, rewrite_layers
+def _recompress_layers(
+    src: ImageSource, dest: ImageDestination, resolved: ResolvedImage, options: CopyOptions, desired: Desired
+) -> CopyOptions:
+    """(De/re)compress layers as containers/image does: learn each new layer's digest, rewrite the manifests.
 
-    layers = compressible_layers(resolved.top.raw)
-    if not layers:
-        return
-    if options.preserve_digests:
-        raise InvalidInput(
-            f"copying {resolved.source} to a registry gzips its uncompressed layers, which changes digests,"
-            " but --preserve-digests was given"
-        )
-    replaced: dict[Digest, Descriptor] = {}
-    for plain in layers:
-        if plain.digest in replaced:
+    Returns the image's options: with ``format="oci"`` when a Docker v2s2 manifest gets zstd layers (v2s2 has
+    no zstd type; containers/image converts to OCI too).
+    """
+    from .compression import OCI_ZSTD, image_layers, measure, plan_layer, rewrite_layers, transform
+
+    opts = options.compression
+    images: list[tuple[Digest | None, SourceManifest]]
+    if resolved.top.media_type in INDEX_TYPES:
+        images = [(d, m) for d, m in resolved.children.items() if m.media_type not in INDEX_TYPES]
+    else:
+        images = [(None, resolved.top)]
+    needs_oci = False
+    measured: dict[tuple[str, str], Descriptor] = {}
+    for key, manifest in images:
+        changes: list[LayerChange] = []
+        for layer in image_layers(manifest.raw):
+            change = plan_layer(layer, desired, opts)
+            if change is None:
+                continue
+            if kind_is_compressed(layer) and desired == "compress" and not opts.force and _holds(dest, layer):
+                continue  # reused as it is, as containers/image does without ForceCompressionFormat
+            changes.append(change)
+        if not changes:
             continue
-        with src.open_blob(plain) as chunks:
-            digest, size = measure(chunks)
-        replaced[plain.digest] = Descriptor(GZIP_OF[plain.media_type], digest, size)
-        resolved.recompress[str(digest)] = plain
-    resolved.top = SourceManifest(rewrite_layers(resolved.top.raw, replaced), resolved.top.media_type)
+        if options.preserve_digests:
+            if not opts.explicit:
+                continue  # containers/image changes no layer when told to preserve digests
+            raise InvalidInput(
+                f"copying {resolved.source} with the compression asked for changes layer digests,"
+                " but --preserve-digests was given"
+            )
+        replaced: dict[Digest, Descriptor] = {}
+        for change in changes:
+            if change.source.digest in replaced:
+                continue
+            mkey = (str(change.source.digest), change.op)
+            new = measured.get(mkey)
+            if new is None:
+                with src.open_blob(change.source) as chunks:
+                    digest, size = measure(transform(chunks, change.op, f"blob {change.source.digest}"))
+                new = measured[mkey] = Descriptor(change.media_type, digest, size)
+            elif new.media_type != change.media_type:
+                new = Descriptor(change.media_type, new.digest, new.size)
+            replaced[change.source.digest] = new
+            resolved.recompress[str(new.digest)] = change
+        raw = rewrite_layers(manifest.raw, replaced)
+        if manifest.media_type == MediaType.DOCKER_MANIFEST.value and any(
+            d.media_type == OCI_ZSTD for d in replaced.values()
+        ):
+            needs_oci = True
+        new_manifest = SourceManifest(raw, manifest.media_type)
+        if key is None:
+            resolved.top = new_manifest
+        else:
+            resolved.children[key] = new_manifest
+    if needs_oci and options.format != "oci":
+        if options.format == "v2s2":
+            raise InvalidInput(
+                "--dest-compress-format zstd: a Docker v2s2 manifest cannot name zstd layers (use --format oci)"
+            )
+        return replace(options, format="oci")
+    return options
+
+
+def kind_is_compressed(layer: Descriptor) -> bool:
+    from .compression import kind_of
+
+    known = kind_of(layer.media_type)
+    return known is not None and known[1] != "plain"
+
+
+def _holds(dest: ImageDestination, layer: Descriptor) -> bool:
+    """The destination already has this blob (a failed check counts as no: the layer is recompressed)."""
+    try:
+        return bool(dest.blob_exists(layer))
+    except FerryError:
+        return False
 
 
 def _label_uncompressed(m: SourceManifest) -> SourceManifest:
@@ -454,10 +543,15 @@ class _Builder:
             return self.per_dest[key_dest]
         store_key = (r.dest_info.store, str(desc.digest))
         first = self.first.get(store_key)
-        plain = r.recompress.get(str(desc.digest))
+        change = r.recompress.get(str(desc.digest))
         gzip_from: dict[str, Any] = (
-            {"source_digest": plain.digest, "source_size": plain.size, "source_media_type": plain.media_type}
-            if plain is not None
+            {
+                "source_digest": change.source.digest,
+                "source_size": change.source.size,
+                "source_media_type": change.source.media_type,
+                "recompress": change.op,
+            }
+            if change is not None
             else {}
         )
         if first is None:
@@ -577,6 +671,8 @@ def _plan_one(b: _Builder, r: ResolvedImage, options: CopyOptions, image_id: str
                 _refuse_conversion(options, r)
                 raw = convert_manifest(raw, mt, ctarget)
                 mt = MediaType.OCI_MANIFEST.value if ctarget == "oci" else MediaType.DOCKER_MANIFEST.value
+                converted[str(d.digest)] = Descriptor(mt, Digest.of(raw), len(raw))
+            elif child.digest != d.digest:  # its layers were (de/re)compressed
                 converted[str(d.digest)] = Descriptor(mt, Digest.of(raw), len(raw))
             blob_ids = [add(b.blob(r, blob)) for blob in parse_manifest(raw, mt).blobs]
             img.size += sum(x.size for x in parse_manifest(raw, mt).blobs)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from worker.registry import Cancelled, Digest, FerryError, RetryPolicy, is_temporary
 
-from .compression import gzip_stream
+from .compression import transform
 from .plan import BlobStep, ManifestStep, ResolvedImage
 from .status import BlobAction
 from .transports import ClientPool, ImageDestination, ImageName, ImageSource, SideConfig, open_destination, open_source
@@ -246,7 +246,7 @@ def existing_blob(ctx: EngineContext, step: BlobStep, *, deps_done: bool = False
     if repo:
         sure = [step.mount_from] if step.mount_from else []
         src_name = step.source
-        if src_name.reference is not None and _store_of(src_name)[0] == store:
+        if src_name.reference is not None and _store_of(src_name)[0] == store and step.source_digest is None:
             # same registry on both sides: mount straight from the source repository
             sure.append(src_name.reference.repository)
         for other in sure:
@@ -284,7 +284,7 @@ def transfer_blob(ctx: EngineContext, step: BlobStep) -> BlobResult:
         # A failed attempt restarts the whole upload session: a streamed body cannot be replayed.
         with src.open_blob(step.source_descriptor) as chunks:
             # a plain layer for a registry is gzipped on the fly; the destination verifies the gzip digest
-            body = gzip_stream(chunks) if step.source_digest is not None else chunks
+            body = transform(chunks, step.recompress_op, f"blob {step.source_digest}") if step.recompress_op else chunks
             dest.put_blob(desc, _stream(ctx, digest, body))
         return BlobResult(BlobAction.TRANSFERRED, desc.size)
 
@@ -293,7 +293,7 @@ def transfer_blob(ctx: EngineContext, step: BlobStep) -> BlobResult:
         result = retry.run(transfer)
     if repo:
         ctx.locations.add(store, digest, repo)
-    if step.source.reference is not None:
+    if step.source.reference is not None and step.source_digest is None:  # the source holds what was read, not this
         src_store, src_repo = _store_of(step.source)
         ctx.locations.add(src_store, digest, src_repo)
     return result
