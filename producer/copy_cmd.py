@@ -268,10 +268,14 @@ def run_embedded(
     fail_fast: bool = False,
     signer: Signer | None = None,
     feed: PlanFeed | None = None,
+    also: tuple[Any, ...] = (),
 ) -> Report:
+    """Run ``plan`` here; ``also``: more progress reporters (sync's logrus lines)."""
     progress: Any = make_progress(quiet)
     if skopeo_lines.wanted(quiet):
         progress = skopeo_lines.Tee(skopeo_lines.SkopeoLines(plan), progress)
+    if also:
+        progress = skopeo_lines.Tee(*also, progress)
     ctx.on_bytes = progress.on_bytes
     executor = EmbeddedExecutor(ctx, parallel=streams(args), events=progress, fail_fast=fail_fast)
 

@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 from worker.engine.executor import ImageOutcome
 from worker.engine.manifest import INDEX_TYPES
-from worker.engine.plan import ImagePlan, ManifestStep, Plan, Step
+from worker.engine.plan import BlobStep, ImagePlan, ManifestStep, Plan, Step
 from worker.engine.steps import BlobResult
 
 _BARE = re.compile(r"^[A-Za-z0-9\-._/@^+]+$")
@@ -38,25 +38,29 @@ def _quote(value: str) -> str:
     return value if value and _BARE.match(value) else json.dumps(value)
 
 
-def image_block(raw: bytes) -> list[str]:
-    """The lines skopeo prints while copying one image manifest."""
+def image_block(raw: bytes, read_as: dict[str, str] | None = None) -> list[str]:
+    """The lines skopeo prints while copying one image manifest.
+
+    ``read_as``: a layer gzipped on the way is named by the digest read from the source, as containers/image does.
+    """
     obj = json.loads(raw)
+    read_as = read_as or {}
     lines = ["Getting image source signatures"]
-    lines += [f"Copying blob {layer['digest']}" for layer in obj.get("layers") or []]
+    lines += [f"Copying blob {read_as.get(layer['digest'], layer['digest'])}" for layer in obj.get("layers") or []]
     if isinstance(obj.get("config"), dict):
         lines.append(f"Copying config {obj['config']['digest']}")
     lines += ["Writing manifest to image destination", "Storing signatures"]
     return lines
 
 
-def list_block(index_raw: bytes, children: dict[str, bytes]) -> list[str]:
+def list_block(index_raw: bytes, children: dict[str, bytes], read_as: dict[str, str] | None = None) -> list[str]:
     """A list: skopeo 1.9's header, each copied instance in index order, then the list itself."""
     entries = [m["digest"] for m in json.loads(index_raw).get("manifests") or []]
     copied = [d for d in entries if d in children]
     lines = ["Getting image list signatures", f"Copying {len(copied)} of {len(entries)} images in list"]
     for n, digest in enumerate(copied, 1):
         lines.append(f"Copying image {digest} ({n}/{len(copied)})")
-        lines += image_block(children[digest])
+        lines += image_block(children[digest], read_as)
     lines += ["Writing manifest list to image destination", "Storing list signatures"]
     return lines
 
@@ -95,15 +99,17 @@ class SkopeoLines:
         img = self._images.get(image_id)
         if img is None:
             return []
-        manifests = [s for sid in img.steps if isinstance(s := self.plan.steps.get(sid), ManifestStep)]
+        steps = [self.plan.steps.get(sid) for sid in img.steps]
+        manifests = [s for s in steps if isinstance(s, ManifestStep)]
+        read_as = {str(s.digest): str(s.source_digest) for s in steps if isinstance(s, BlobStep) and s.source_digest}
         top = next((s for s in manifests if s.top), None)
         if top is None:
             # nothing was written: the destination already had this image (containers/image's own words)
             return ["Skipping: image already present at destination"]
         if top.media_type in INDEX_TYPES:
             children = {str(s.digest): s.raw for s in manifests if not s.top and s.tag is None}
-            return list_block(top.raw, children)
-        return image_block(top.raw)
+            return list_block(top.raw, children, read_as)
+        return image_block(top.raw, read_as)
 
     def image_finished(self, outcome: ImageOutcome) -> None:
         if not outcome.status.ok:
@@ -182,3 +188,67 @@ def sync_log(pairs: list[tuple[str, str]], *, dry_run: bool) -> list[str]:
     total = "Would have synced" if dry_run else "Synced"
     lines.append(logrus_line("info", f"{total} {len(pairs)} images from {len(per_repo)} sources"))
     return lines
+
+
+class SyncLog:
+    """sync's logrus lines, streamed: ``Copying image ref I/N`` as each image ends (skopeo logs it as it starts
+    that image's copy; Ferry copies many at once), ``Synced N images from M sources`` at the end.
+
+    I counts the images of the same source repository ended so far; N the images of that repository known
+    to the run then (all of them once its checks are done: they are quick next to copies).
+    """
+
+    def __init__(self, enabled: bool, out: TextIO | None = None) -> None:
+        self.enabled = enabled
+        self.out = out or sys.stderr
+        self._lock = threading.Lock()
+        self._known: dict[str, int] = {}
+        self._ended: dict[str, int] = {}
+        self._skip: set[str] = set()
+        self._seen: set[str] = set()
+
+    def _plan_image(self, image: ImagePlan) -> None:
+        if image.attachment:
+            self._skip.add(image.id)  # a signature or referrer that goes along: skopeo names no such image
+        elif image.id not in self._seen:
+            self._seen.add(image.id)
+            repo = _repository(image.source)
+            self._known[repo] = self._known.get(repo, 0) + 1
+
+    def start(self, plan: Plan) -> None:
+        with self._lock:
+            for image in plan.images:
+                self._plan_image(image)
+
+    def on_bytes(self, digest: str, n: int) -> None:
+        pass
+
+    def image_planned(self, image: ImagePlan, steps: dict[str, Step]) -> None:
+        with self._lock:
+            self._plan_image(image)
+
+    def step_started(self, step: Step) -> None:
+        pass
+
+    def step_finished(self, step: Step, result: BlobResult | None, error: BaseException | None) -> None:
+        pass
+
+    def image_finished(self, outcome: ImageOutcome) -> None:
+        if not self.enabled or not outcome.status.ok or outcome.id in self._skip:
+            return
+        with self._lock:
+            repo = _repository(outcome.source)
+            n = self._ended[repo] = self._ended.get(repo, 0) + 1
+            total = max(self._known.get(repo, 0), n)
+            fields = {"from": outcome.source, "to": outcome.destination}
+            print(logrus_line("info", f"Copying image ref {n}/{total}", **fields), file=self.out, flush=True)
+
+    def stop(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        """The closing line: the images logged and their source repositories."""
+        if self.enabled:
+            total = sum(self._ended.values())
+            line = logrus_line("info", f"Synced {total} images from {len(self._ended)} sources")
+            print(line, file=self.out, flush=True)

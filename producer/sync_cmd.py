@@ -181,8 +181,9 @@ def sync(args: argparse.Namespace) -> int:
             for src, dst, err in failures:
                 print(f"Error: {src} -> {dst}: {err}", file=sys.stderr)
             return code or (1 if failures or (verified and not verified[0].ok) else 0)
-        report = run_embedded(args, ctx, plan, quiet, fail_fast=not args.keep_going, signer=signer)
-        return _finish(args, ctx, req, memo, disc, report, checked, resolved, failures)
+        log = skopeo_lines.SyncLog(skopeo_lines.wanted(quiet))
+        report = run_embedded(args, ctx, plan, quiet, fail_fast=not args.keep_going, signer=signer, also=(log,))
+        return _finish(args, ctx, req, memo, disc, report, checked, resolved, failures, log=log)
     finally:
         ctx.close()
 
@@ -195,6 +196,7 @@ def _sync_embedded(
     quiet = args.quiet
     feed = PlanFeed()
     produced: dict[str, Any] = {}
+    log = skopeo_lines.SyncLog(skopeo_lines.wanted(quiet))
 
     def produce() -> None:
         try:
@@ -207,7 +209,7 @@ def _sync_embedded(
     producer = threading.Thread(target=produce, name="ferry-sync-plan", daemon=True)
     producer.start()
     try:
-        report = run_embedded(args, ctx, Plan(), quiet, fail_fast=not args.keep_going, feed=feed)
+        report = run_embedded(args, ctx, Plan(), quiet, fail_fast=not args.keep_going, feed=feed, also=(log,))
     finally:
         feed.close()
         producer.join()
@@ -222,7 +224,7 @@ def _sync_embedded(
         src, _dst, err = failures[0]
         raise InvalidInput(f"syncing {src}: {err} (use --keep-going to go on past failed images)")
     # unchanged images came through the feed (reported as they were found); failures before planning did not
-    return _finish(args, ctx, req, memo, disc, report, checked, resolved, failures, report_unchanged=False)
+    return _finish(args, ctx, req, memo, disc, report, checked, resolved, failures, report_unchanged=False, log=log)
 
 
 def _finish(
@@ -237,6 +239,7 @@ def _finish(
     failures: list[tuple[str, str, str]],
     *,
     report_unchanged: bool = True,
+    log: skopeo_lines.SyncLog | None = None,
 ) -> int:
     """After the copies: report unchanged and failed images, remember digests, --delete, --verify, outputs."""
     from .lifecycle_cmd import run_verify
@@ -245,6 +248,8 @@ def _finish(
     for item, digest in checked.unchanged if report_unchanged else []:
         outcome = ImageOutcome("", str(item.source), str(item.destination), ImageStatus.UP_TO_DATE, digest)
         report.images.append(outcome)
+        if log is not None:
+            log.image_finished(outcome)
         if not quiet:
             if skopeo_lines.wanted(quiet):
                 print("Skipping: image already present at destination")
@@ -263,10 +268,8 @@ def _finish(
             print(f"Kept {d.destination}: {d.kept_because}", file=sys.stderr)
     verified_report = run_verify(args, ctx, req, memo, disc) if args.verify and not report.cancelled else None
     _outputs(args, report, deleted, kept, verified_report)
-    if skopeo_lines.wanted(quiet):
-        pairs = [(i.source, i.destination) for i in report.images if i.status.ok]
-        for line in skopeo_lines.sync_log(pairs, dry_run=False):
-            print(line, file=sys.stderr)
+    if log is not None:
+        log.finish()
     if not quiet:
         extra = f"; {len(deleted)} tag(s) deleted" if args.delete else ""
         print(summary_line(report) + extra, file=sys.stderr)

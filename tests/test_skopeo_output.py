@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import re
 import secrets
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.harness.images import build_image, build_multiarch, push_image, push_index
+from tests.harness.peer import peer_env
 from tests.harness.servers import RegistryServer
-from tests.test_skopeo_flags import both, ferry
+from tests.test_skopeo_flags import FERRY_BIN, both, ferry
 
 #: every line containers/image prints while copying (ferry adds its own lines besides these)
 SKOPEO_LINE = re.compile(
@@ -126,3 +128,49 @@ def test_missing_image_exits_2_like_current_skopeo(
     assert run.returncode == 2, run.stderr
     # other errors stay 1
     assert ferry("inspect", "--tls-verify=false", "docker://127.0.0.1:1/x:y").returncode == 1
+
+
+def test_gzipped_layer_lines_name_the_source_digest(registry: RegistryServer, tmp_path: Path) -> None:
+    """A plain layer gzipped on the way to a registry: ``Copying blob`` names the digest read (containers/image)."""
+    from tests.test_skopeo_flags import skopeo
+    from tests.test_skopeo_rest import plain_layer_image
+
+    repo = f"test/out-gz-{secrets.token_hex(3)}"
+    push_image(registry.url, repo, "v1", build_image("out-gz", layers=[400, 200], fmt="v2s2"))
+    skopeo("copy", "--src-tls-verify=false", f"docker://{registry.host}/{repo}:v1", f"dir:{tmp_path}/img")
+    plain_digest, _plain = plain_layer_image(tmp_path / "img", tmp_path / "plain")
+    f, s = both(
+        "copy", "--dest-tls-verify=false", f"dir:{tmp_path}/plain", f"docker://{registry.host}/{repo}-{{tool}}:v1"
+    )
+    assert (f.returncode, s.returncode) == (0, 0), (f.stderr, s.stderr)
+    assert f"Copying blob {plain_digest}" in skopeo_lines(s.stdout)
+    assert comparable(skopeo_lines(f.stdout)) == comparable(skopeo_lines(s.stdout))
+
+
+def test_sync_streams_each_images_logrus_line_before_its_block(registry: RegistryServer) -> None:
+    """skopeo logs ``Copying image ref I/N`` as it starts each image: with stderr and stdout in one stream, each
+    image's line comes right before its block, not all of them at the end."""
+    base = f"test/out-stream-{secrets.token_hex(3)}"
+    for tag in ("a", "b", "c"):
+        push_image(registry.url, f"{base}/app", tag, build_image(f"out-stream-{tag}", layers=[200]))
+    flags = ["--src", "docker", "--dest", "docker", "--src-tls-verify=false", "--dest-tls-verify=false"]
+    argv = [FERRY_BIN, "sync", *flags, f"{registry.host}/{base}/app", f"{registry.host}/{base}/copy"]
+    run = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120, env=peer_env())
+    assert run.returncode == 0, run.stdout
+    lines = run.stdout.splitlines()
+    starts = [i for i, line in enumerate(lines) if 'msg="Copying image ref ' in line]
+    assert len(starts) == 3, run.stdout
+    assert [re.search(r"ref (\d/\d)", lines[i]).group(1) for i in starts] == ["1/3", "2/3", "3/3"]  # type: ignore[union-attr]
+    for i in starts:
+        assert lines[i + 1] == "Getting image source signatures", run.stdout
+    assert sum('msg="Synced 3 images from 1 sources"' in line for line in lines) == 1
+    # as skopeo: the same from/to pairs and counters, the same closing line
+    f, s = both("sync", *flags, f"{registry.host}/{base}/app", f"{registry.host}/{base}/{{tool}}")
+    assert (f.returncode, s.returncode) == (0, 0), (f.stderr, s.stderr)
+
+    def shape(stderr: str) -> tuple[list[str], list[str]]:
+        """The messages in order, and the sorted from/to pairs (Ferry logs images as they end: any order)."""
+        msgs = [m.replace("/skopeo/", "/ferry/") for m in logrus_msgs(stderr)]
+        return [re.sub(r" from=.*", "", m) for m in msgs], sorted(re.sub(r".* from=", "", m) for m in msgs)
+
+    assert shape(f.stderr) == shape(s.stderr)
