@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--compat-auth-file", metavar="PATH", help="path of a Docker-compatible config file to update instead"
     )
     add_bool(p, "--all", "-a", help="remove the credentials of every registry")
+    # skopeo's logout takes it too; removing a login contacts no registry, so it changes nothing (as in skopeo)
+    p.add_argument("--tls-verify", type=_bool_or_none, default=None, metavar="BOOL", help=argparse.SUPPRESS)
     p.add_argument("registry", nargs="?", metavar="REGISTRY")
 
     from . import copy_cmd

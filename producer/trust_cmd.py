@@ -183,4 +183,10 @@ def add_parsers(sub: Any, verb: Callable[..., argparse.ArgumentParser]) -> None:
         ("standalone-verify", "Verify a GPG simple signature (not supported: refuses)"),
     ):
         p = verb(name, standalone, what)
+        if name == "standalone-sign":
+            # skopeo's flags, so the refusal names the verb rather than a flag
+            p.add_argument("--output", "-o", help=argparse.SUPPRESS)
+            p.add_argument("--passphrase-file", help=argparse.SUPPRESS)
+        else:
+            p.add_argument("--public-key-file", help=argparse.SUPPRESS)
         p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
