@@ -434,3 +434,38 @@ def test_no_request_for_a_blob_the_plan_already_put_in_the_repository(
     # the shared layer: one HEAD and one upload for the first tag; nothing at all for the other two
     assert counting.count("HEAD", f"/blobs/{shared.digest}$") == 1
     assert counting.count("PUT", r"/blobs/uploads/") == 7
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# connections: one small pool per thread
+
+
+def test_each_thread_keeps_its_own_connections_until_it_ends(registry: RegistryServer) -> None:
+    import gc
+
+    from worker.registry._pools import ThreadPools
+
+    client = RegistryClient(registry.host, options=ClientOptions(tls_verify=False, retry=RetryPolicy(times=0)))
+    pools = client._transport.inner
+    assert isinstance(pools, ThreadPools)
+    client.ping()
+    client.ping()
+    assert pools.pools == 1  # this thread's pool, its connection reused
+    seen: list[int] = []
+
+    def in_thread() -> None:
+        client.ping()
+        seen.append(pools.pools)
+
+    threads = [threading.Thread(target=in_thread) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    gc.collect()
+    assert max(seen) >= 2  # a thread of its own got a pool of its own ...
+    assert pools.pools == 1  # ... closed with its connections when the thread ended
+    client.close()
+    assert pools.pools == 0
+    with pytest.raises(RuntimeError, match="closed"):
+        client.ping()

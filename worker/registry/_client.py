@@ -16,6 +16,7 @@ import contextlib
 import email.utils
 import json
 import logging
+import os
 import random
 import socket
 import ssl
@@ -53,6 +54,7 @@ from ._errors import (
     is_temporary,
 )
 from ._mediatype import sniff_media_type
+from ._pools import ThreadPools
 from ._stall import StallGuard, TransferStalled, env_min_rate, env_window
 from ._tls import ssl_context
 from ._types import MANIFEST_ACCEPT, Descriptor, Digest
@@ -68,6 +70,10 @@ MONOLITHIC_LIMIT = 4 * 1024 * 1024
 #: Streamed uploads send PATCH requests of at most this many bytes.
 DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024
 READ_CHUNK = 1024 * 1024
+#: connections a thread keeps alive per host (it rarely holds more than two at once)
+_THREAD_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=4, keepalive_expiry=30.0)
+#: environment variables httpx takes proxies from
+_PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
 #: a tag list or catalog longer than this is refused (it is held in memory whole)
 MAX_LISTED = 1_000_000
 USER_AGENT = "ferry/0.1"
@@ -114,11 +120,26 @@ class RetryPolicy:
             return fn()
         _retry_scope.active = True
         try:
-            return self._retrying(fn)
+            # the first attempt costs one call: tenacity's machinery is set up only once something failed
+            try:
+                return fn()
+            except Exception as exc:
+                if self.times <= 0 or not _retryable(exc):
+                    raise
+                failed = exc
+            return self._retrying(fn, failed)
         finally:
             _retry_scope.active = False
 
-    def _retrying(self, fn: Callable[[], T]) -> T:
+    def _retrying(self, fn: Callable[[], T], failed: Exception) -> T:
+        """Attempts 2.. of ``fn``, whose first attempt raised ``failed`` (waits and logs as if tenacity made it)."""
+        first: list[Exception] = [failed]
+
+        def again() -> T:
+            if first:
+                raise first.pop()
+            return fn()
+
         def wait(state: tenacity.RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
             return self.wait_seconds(state.attempt_number, exc)
@@ -129,13 +150,17 @@ class RetryPolicy:
 
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.times + 1),
-            # a shared backoff is not waited out here: the caller (a task) is rescheduled instead
-            retry=tenacity.retry_if_exception(lambda e: is_temporary(e) and not isinstance(e, HeldOff)),
+            retry=tenacity.retry_if_exception(_retryable),
             wait=wait,
             before_sleep=before_sleep,
             reraise=True,
         )
-        return retrying(fn)
+        return retrying(again)
+
+
+def _retryable(exc: BaseException) -> bool:
+    # a shared backoff is not waited out here: the caller (a task) is rescheduled instead
+    return is_temporary(exc) and not isinstance(exc, HeldOff)
 
 
 @dataclass
@@ -300,22 +325,33 @@ class RegistryClient:
         self.auth = Authenticator(self.host, credentials, lambda: self._http)
         self.requests_sent = 0
         self._no_referrers = False
+        # what every request carries, worked out once (the client's defaults: User-Agent, Accept, ...)
+        self._default_headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in self._http.headers.raw}
+        self._extensions = {"timeout": self._http.timeout.as_dict()}
+        # with proxies in the environment (HTTPS_PROXY, NO_PROXY...), requests go through httpx.Client, which
+        # applies them; otherwise straight to the transport (the Client's auth, redirect and cookie layers are
+        # not used: the client authenticates, follows redirects by hand and, like skopeo, keeps no cookies)
+        self._env_proxies = any(os.environ.get(k) for k in _PROXY_VARIABLES)
 
     def _make_http(self) -> httpx.Client:
         opts = self.options
         verify: ssl.SSLContext | bool = ssl_context(self.host, verify=opts.tls_verify, cert_dir=opts.cert_dir)
-        # one pool per registry host, kept alive between requests: enough for every stream of a run
-        # (32 by default) plus the checks running beside them, so no request waits for a connection
-        limits = httpx.Limits(max_connections=96, max_keepalive_connections=96, keepalive_expiry=30.0)
+        timeout = httpx.Timeout(opts.timeout, connect=min(opts.timeout, 30.0))
+        if opts.transport is not None:
+            inner = opts.transport
+        else:
+            # connections kept alive 30 s, in one small pool per thread: a thread sends one request at a time (two
+            # when it streams a blob from and to the same host), so a request never waits for a connection nor
+            # scans or locks a pool every other thread uses (httpcore's shared pool did both, per request)
+            inner = ThreadPools(lambda: httpx.HTTPTransport(verify=verify, limits=_THREAD_LIMITS))
         # every body is held to a minimum rate: a trickling server cannot reset the read timeout for ever
-        inner = opts.transport or httpx.HTTPTransport(verify=verify, limits=limits)
+        self._transport = StallGuard(inner, opts.min_rate, opts.stall_window)
         return httpx.Client(
             verify=verify,
-            timeout=httpx.Timeout(opts.timeout, connect=min(opts.timeout, 30.0)),
+            timeout=timeout,
             headers={"User-Agent": opts.user_agent},
             follow_redirects=False,
-            transport=StallGuard(inner, opts.min_rate, opts.stall_window),
-            limits=limits,
+            transport=self._transport,
         )
 
     def close(self) -> None:
@@ -390,12 +426,26 @@ class RegistryClient:
     ) -> httpx.Response:
         if self.options.gate is not None:
             self.options.gate.before_request(self.host)
-        req = self._http.build_request(method, url, headers=headers, content=content)
+        hdrs = {**self._default_headers, **headers} if headers else self._default_headers
+        self.requests_sent += 1
         try:
-            self.requests_sent += 1
-            resp = self._http.send(req, stream=stream)
+            req = httpx.Request(method, url, headers=hdrs, content=content, extensions=self._extensions)
+            if self._env_proxies:
+                resp = self._http.send(req, stream=stream)
+            else:
+                resp = self._transport.handle_request(req)
+                resp.request = req
+                if not stream:
+                    try:
+                        resp.read()
+                    finally:
+                        resp.close()
         except httpx.HTTPError as exc:
             raise translate_transport_error(exc, self.host) from exc
+        except httpx.InvalidURL as exc:
+            raise RegistryError(f"{method} {_without_query(url)}: not a valid URL ({exc})") from exc
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s: HTTP %d", method, _without_query(url), resp.status_code)
         if resp.status_code == 429 and self.options.gate is not None:
             self.options.gate.on_throttled(self.host, _retry_after(resp.headers.get("retry-after")) or 1.0)
         return resp
@@ -896,6 +946,10 @@ def _counting(it: Iterator[bytes], progress: Callable[[int], None] | None) -> It
         if progress:
             progress(len(chunk))
         yield chunk
+
+
+def _without_query(url: str) -> str:
+    return url.split("?", 1)[0]
 
 
 def _same_host(url: str, host: str) -> bool:

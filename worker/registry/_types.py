@@ -69,6 +69,7 @@ MANIFEST_ACCEPT: tuple[str, ...] = (
 
 _ALGOS = {"sha256": 64, "sha512": 128}
 _DIGEST_RE = re.compile(r"^([a-z0-9]+(?:[+._-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)$")
+_LOWER_HEX = re.compile(r"[0-9a-f]*")
 
 
 @dataclass(frozen=True, order=True)
@@ -82,7 +83,7 @@ class Digest:
         want = _ALGOS.get(self.algorithm)
         if want is None:
             raise InvalidDigest(f"unsupported digest algorithm {self.algorithm!r} (sha256 and sha512 only)")
-        if len(self.hex) != want or any(c not in "0123456789abcdef" for c in self.hex):
+        if len(self.hex) != want or not _LOWER_HEX.fullmatch(self.hex):
             raise InvalidDigest(f"malformed {self.algorithm} digest {self.algorithm}:{self.hex}")
 
     @classmethod
