@@ -346,11 +346,13 @@ class Run:
     src_registry_cpu_s: float
     redis_cpu_s: float
     machine_busy_pct: float  # of all CPUs, during the timed command
-    #: workers: Celery task retries during the run (mostly blob tasks waiting for another task's upload of the
-    #: same blob: they re-queue themselves with a countdown of 1-2 s, see worker/tasks.py)
+    #: workers: Celery task retries during the run ("retry: Retry in" in the workers' logs: temporary errors, full
+    #: transfer slots, or an in-flight lock still held after FERRY_LOCK_WAIT; see worker/tasks.py)
     task_retries: int
     #: commands Redis processed during the run (broker, result backend and Ferry's shared state together)
     redis_commands: int
+    #: the same by command name (INFO commandstats), most frequent first
+    redis_by_command: dict[str, int]
     #: workers: the peak resident memory of each worker process (MiB), sampled every 0.2 s during the run
     worker_rss_mib: list[float]
     load1_before: float
@@ -477,6 +479,15 @@ class Bench:
         finally:
             r.close()
 
+    def redis_commandstats(self) -> dict[str, int]:
+        """Calls so far per command name (INFO commandstats: a Lua script's own commands are counted too)."""
+        r = redis.Redis.from_url(self.queue_url())
+        try:
+            stats = r.info("commandstats")
+        finally:
+            r.close()
+        return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
     def forget_locations(self) -> None:
         """Drop what workers learnt of blob locations (a later registry may reuse a port: same store name)."""
         r = redis.Redis.from_url(self.queue_url())
@@ -504,6 +515,7 @@ class Bench:
             rss = RssSampler({w.pid for w in workers})
             pgids = {w.pid for w in workers}
             log_marks = [len(w.log()) for w in workers]
+            stats_before = self.redis_commandstats()
             redis_before = self.redis_commands()
             redis_pid = self.redis.process.pid if self.redis.process else None
             load1 = os.getloadavg()[0]
@@ -527,6 +539,10 @@ class Bench:
             else:
                 exec_s = float(summary.get("finished", 0.0)) - float(summary.get("created", 0.0))
             redis_commands = self.redis_commands() - redis_before
+            stats_after = self.redis_commandstats()
+            by_command = {
+                name: n - stats_before.get(name, 0) for name, n in stats_after.items() if n > stats_before.get(name, 0)
+            }
             retries = sum(w.log()[mark:].count("retry: Retry in") for w, mark in zip(workers, log_marks, strict=True))
             traffic = count_traffic(dst, self.images.shared.digest)
             verified, problems = verify_set(dst, self.images)
@@ -554,6 +570,7 @@ class Bench:
                 machine_busy_pct=100.0 * busy / total if total else 0.0,
                 task_retries=retries,
                 redis_commands=redis_commands,
+                redis_by_command=dict(sorted(by_command.items(), key=lambda kv: -kv[1])),
                 worker_rss_mib=rss.peaks(),
                 load1_before=load1,
                 traffic=traffic,
@@ -571,6 +588,10 @@ class Bench:
 
 # --------------------------------------------------------------------------------------------------------------
 # reporting
+
+
+def _top_commands(by_command: dict[str, int], n: int = 8) -> str:
+    return " ".join(f"{name}={calls}" for name, calls in list(by_command.items())[:n])
 
 
 def render_table(cases: list[Case], images: ImageSet) -> str:
@@ -818,7 +839,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"(refused {t.mounts_refused}) shared-layer uploads {t.shared_uploads}  cpu producer "
                     f"{r.producer_cpu_s:4.1f}s workers {r.workers_cpu_s:4.1f}s dest {r.dest_registry_cpu_s:4.1f}s  "
                     f"busy {r.machine_busy_pct:3.0f}%  retries {r.task_retries}  redis cmds {r.redis_commands} "
-                    f"({r.commands_per_blob:.1f}/blob)  worker RSS {r.worker_rss_mib} MiB  "
+                    f"({r.commands_per_blob:.1f}/blob: {_top_commands(r.redis_by_command)})  "
+                    f"worker RSS {r.worker_rss_mib} MiB  "
                     f"load {r.load1_before:.2f}  "
                     f"{r.verified_images}/{len(images.images)} verified{'' if r.ok else '  FAILED'}",
                     flush=True,

@@ -250,10 +250,15 @@ def follow(
     next_check = started
     warned_idle: set[str] = set()
     warned_stall = 0.0
+    ended_seen = -1
+    summary: dict[str, Any] | None = None
     try:
         while True:
-            summary = job_summary(state, job_id)
+            # one command per look; the images only when one more has ended, the whole summary only for the
+            # progress bars (a terminal) or when the job looks stalled
+            state_now, ended, touched = state.jobs.glance(job_id)
             if progress is not None:
+                summary = job_summary(state, job_id)
                 if task is None:
                     task = progress.add_task(f"job {job_id}", total=summary["bytes_total"] or 1)
                 progress.update(
@@ -261,25 +266,30 @@ def follow(
                     completed=summary["bytes_done"],
                     description=f"job {job_id}: {summary['images_done']}/{summary['images_total']} images",
                 )
-            for img in summary["images"]:
-                if ImageStatus(img["status"]).ended and img["id"] not in seen:
-                    seen.add(img["id"])
-                    if not quiet:
-                        _print_image(img)
-            if summary["ended"]:
+            if ended != ended_seen or state_now.ended:
+                ended_seen = ended
+                for img in sorted(state.jobs.images(job_id).values(), key=lambda i: (len(i.id), i.id)):
+                    if img.status.ended and img.id not in seen:
+                        seen.add(img.id)
+                        if not quiet:
+                            _print_image(img.to_json())
+            if state_now.ended:
                 break
             now = time.monotonic()
             if now >= next_check:
                 # look for idle queues and a stalled job every 5 s (sooner when the stall limit is shorter)
                 next_check = now + min(5.0, max(stall_after / 2, 0.5))
                 warned_idle |= warn_if_no_workers(state, frozenset(warned_idle))
-                stall = stall_report(summary, stall_after=stall_after)
-                if stall is None:
+                if time.time() - touched >= stall_after:
+                    summary = job_summary(state, job_id)
+                    stall = stall_report(summary, stall_after=stall_after)
+                    if stall is not None and time.time() - summary["touched"] >= warned_stall + stall_after:
+                        warned_stall = time.time() - summary["touched"]
+                        print(f"Warning: {stall}", file=sys.stderr)
+                else:
                     warned_stall = 0.0
-                elif time.time() - summary["touched"] >= warned_stall + stall_after:
-                    warned_stall = time.time() - summary["touched"]
-                    print(f"Warning: {stall}", file=sys.stderr)
             if timeout is not None and now - started >= timeout:
+                summary = job_summary(state, job_id)
                 print(
                     f"Error: job {job_id} did not end within {timeout:g}s ({summary['state']}:"
                     f" {summary['images_done']}/{summary['images_total']} images done); it goes on",
@@ -293,6 +303,7 @@ def follow(
     finally:
         if progress is not None:
             progress.stop()
+    summary = job_summary(state, job_id)
     if not quiet:
         print(_summary_line(summary), file=sys.stderr)
     return exit_code(JobState(summary["state"]))
@@ -412,6 +423,9 @@ def worker(args: argparse.Namespace) -> int:
     _use_queue(url)
     if args.visibility_timeout:
         os.environ["FERRY_VISIBILITY_TIMEOUT"] = str(args.visibility_timeout)
+    if args.events:
+        # before the app is made: the tasks this worker sends (finalizers, waiting steps) send task-sent events
+        os.environ["FERRY_EVENTS"] = "1"
     from worker.celery_app import BLOB_QUEUE, META_QUEUE, app
 
     argv = [
@@ -420,8 +434,13 @@ def worker(args: argparse.Namespace) -> int:
         f"--queues={args.queues or f'{BLOB_QUEUE},{META_QUEUE}'}",
         f"--loglevel={args.loglevel}",
         f"--pool={args.pool}",
-        "--events",
     ]
+    if args.events:
+        # Flower reads task events and worker heartbeats
+        argv.append("--events")
+    else:
+        # nothing reads them: no task events, heartbeats, gossip or start-up sync (Redis commands saved)
+        argv += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
     if args.hostname:
         argv.append(f"--hostname={args.hostname}")
     # not app.worker_main(), which drops the worker's exit status: a worker that stops on an unrecoverable error
@@ -434,6 +453,11 @@ def worker(args: argparse.Namespace) -> int:
     finally:
         celery_cli.params[0].default = None
     return code if isinstance(code, int) else 0
+
+
+def _env_events() -> bool:
+    # as worker.celery_app.events_wanted, without importing Celery for every command line
+    return os.environ.get("FERRY_EVENTS", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def limit(args: argparse.Namespace) -> int:
@@ -481,6 +505,12 @@ def add_parsers(sub: Any, verb: Callable[..., argparse.ArgumentParser]) -> None:
         help="Celery pool (default threads: one process, tasks on threads, suited to network-bound transfers)",
     )
     p.add_argument("--visibility-timeout", type=int, help="seconds before a dead worker's task is redone")
+    add_bool(
+        p,
+        "--events",
+        default=_env_events(),
+        help="send Celery task events and heartbeats, for Flower (default: off, or on when FERRY_EVENTS=1)",
+    )
 
     job = verb("job", lambda a: (a.job_parser.print_help(), 2)[1], "Inspect and control queued jobs")
     job.set_defaults(job_parser=job)

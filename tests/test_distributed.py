@@ -424,6 +424,105 @@ def test_two_workers_copy_image_set_sharing_a_layer(
     assert by_worker == workers.names, f"blob tasks ran on {by_worker}"
 
 
+def _retries(workers: Workers, marks: list[int]) -> int:
+    """Celery task retries (a task re-queueing itself) logged by the workers since ``marks``."""
+    return sum(w.log()[m:].count("retry: Retry in") for w, m in zip(workers.procs, marks, strict=True))
+
+
+def test_mounts_of_a_shared_layer_wait_for_its_upload_without_requeueing(
+    workers: Workers,
+    registry: RegistryServer,
+    registry2: RegistryServer,
+    queue: str,
+    producer_env: dict[str, str],
+    state: SharedState,
+) -> None:
+    """The steps that mount a layer another step uploads wait in Redis until that upload ends, then are sent
+    once: no task re-queues itself to wait, and no mount is tried before the blob is there. One of them
+    also holds a second tag of the first repository: it needs no request at all."""
+    token = uuid.uuid4().hex[:8]
+    shared = make_layer(f"dist-wait-{token}", 3 << 20)
+    images = [build_image(f"dist-wait-{token}-{i}", layers=[shared, 16 << 10]) for i in range(6)]
+    repos = [f"test/dist-wait-{token}/app{i}" for i in range(6)]
+    for repo, img in zip(repos, images, strict=True):
+        push_image(registry.url, repo, "v1", img)
+    pairs = [(f"docker://{registry.host}/{r}:v1", f"docker://{registry2.host}/{r}:v1") for r in repos]
+    pairs.append((f"docker://{registry.host}/{repos[0]}:v1", f"docker://{registry2.host}/{repos[0]}:v2"))
+
+    marks = [len(w.log()) for w in workers.procs]
+    mark = registry2.log_mark()
+    job, _ = submit(pairs, queue, producer_env)
+    assert job_wait(job, queue, producer_env, workers) == 0, workers.logs()
+    wait_idle(queue)
+
+    assert _retries(workers, marks) == 0, workers.logs()
+    log = registry2.access_log(since=mark)
+    shared_digest = str(shared.digest)
+    assert len(uploads_of(log, shared_digest)) == 1
+    mounts = mounts_of(log, shared_digest)
+    assert len(mounts) == 5 and all(e.status == 201 for e in mounts), "every mount works the first time"
+    # v2 of the first repository: its blobs are there once v1's steps are done; not even a HEAD is sent
+    heads = [e for e in log if e.method == "HEAD" and shared_digest in e.path and f"/{repos[0]}/" in e.path]
+    assert len(heads) <= 1, heads
+    records = blob_records(state, job)
+    mine = [b for b in records.values() if b["digest"] == shared_digest]
+    assert len(mine) == 7 and all(b["status"] == "done" for b in mine)
+    assert sorted(b["action"] for b in mine) == ["mounted"] * 5 + ["skipped", "transferred"]
+    # only the upload made a transfer attempt
+    assert sum(b["attempts"] for b in mine) == 1
+    for repo, img in zip(repos, images, strict=True):
+        assert_copied(registry2, repo, "v1", img)
+    assert_copied(registry2, repos[0], "v2", images[0])
+
+
+def test_many_mounts_of_a_digest_busy_elsewhere_still_finish(
+    workers: Workers,
+    registry: RegistryServer,
+    registry2: RegistryServer,
+    queue: str,
+    producer_env: dict[str, str],
+    state: SharedState,
+) -> None:
+    """A shared layer whose in-flight lock another job holds (it is "uploading" it): the step that would upload
+    it waits in place, the twelve steps that mount it wait for that step, and the job ends done once the lock
+    goes, without a task re-queueing itself."""
+    token = uuid.uuid4().hex[:8]
+    shared = make_layer(f"dist-busy-{token}", 1 << 20)
+    images = [build_image(f"dist-busy-{token}-{i}", layers=[shared, 4096]) for i in range(13)]
+    repos = [f"test/dist-busy-{token}/app{i}" for i in range(13)]
+    for repo, img in zip(repos, images, strict=True):
+        push_image(registry.url, repo, "v1", img)
+    pairs = [(f"docker://{registry.host}/{r}:v1", f"docker://{registry2.host}/{r}:v1") for r in repos]
+    store = f"docker://{registry2.host}"
+    lock = state.locks.acquire(store, str(shared.digest), ttl=120)
+    assert lock is not None
+    marks = [len(w.log()) for w in workers.procs]
+    mark = registry2.log_mark()
+    try:
+        job, _ = submit(pairs, queue, producer_env)
+        shared_digest = str(shared.digest)
+
+        def own_blobs_done() -> bool:
+            own = [b for b in blob_records(state, job).values() if b["digest"] != shared_digest]
+            return len(own) == 26 and all(b["status"] == "done" for b in own)
+
+        wait_for("the images' own blobs", own_blobs_done, timeout=60)
+        time.sleep(1.0)
+        records = blob_records(state, job)
+        assert not [b for b in records.values() if b["digest"] == str(shared.digest) and b["status"] == "done"]
+        assert state.jobs.job(job).state == "running"
+    finally:
+        lock.release()
+    assert job_wait(job, queue, producer_env, workers) == 0, workers.logs()
+    wait_idle(queue)
+    assert _retries(workers, marks) == 0, workers.logs()
+    log = registry2.access_log(since=mark)
+    assert len(uploads_of(log, str(shared.digest))) == 1
+    assert len(mounts_of(log, str(shared.digest))) == 12
+    for repo, img in zip(repos, images, strict=True):
+        assert_copied(registry2, repo, "v1", img)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # secrets stay out of Redis
 

@@ -75,7 +75,10 @@ def flower(queue: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str
 
 @pytest.fixture(scope="module")
 def worker(queue: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
-    w = start_worker(queue, "flower-w1@%h", tmp_path_factory.mktemp("flower-workers"), concurrency=2)
+    # task events are off unless asked for (ferry worker --events, or FERRY_EVENTS=1 as here): Flower needs them
+    w = start_worker(
+        queue, "flower-w1@%h", tmp_path_factory.mktemp("flower-workers"), concurrency=2, env={"FERRY_EVENTS": "1"}
+    )
     yield w
     w.stop(grace=5)
 

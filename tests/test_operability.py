@@ -139,8 +139,9 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def worker(queue: str, workdir: Path) -> Iterator[WorkerProcess]:
-    # named as compose names its workers, so that compose's healthcheck command can be run against it
-    w = start_worker(queue, "ferry@%h", workdir / "workers", concurrency=2)
+    # named as compose names its workers, so that compose's healthcheck command can be run against it; with task
+    # events, as compose and the Procfile run it beside Flower (--events)
+    w = start_worker(queue, "ferry@%h", workdir / "workers", concurrency=2, env={"FERRY_EVENTS": "1"})
     yield w
     w.stop(grace=5)
 

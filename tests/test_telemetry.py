@@ -4,6 +4,7 @@ counters, and the Prometheus text the exporter makes of them."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -23,6 +24,7 @@ QUEUE_DB = 14
 def r(redis_server: RedisServer) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_server.url_for(QUEUE_DB), decode_responses=True)
     client.flushdb()
+    telemetry._first_byte_seen.clear()  # every test starts job "j1" afresh in an emptied Redis
     yield client
     client.flushdb()
     client.close()
@@ -51,22 +53,31 @@ def _record(r: redis.Redis) -> dict[str, object] | None:
     return json.loads(str(raw)) if raw else None
 
 
-def test_progress_is_written_every_few_mib_not_per_chunk(r: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(telemetry, "FLUSH_SECONDS", 3600.0)  # only the byte threshold decides here
+def _calls(r: redis.Redis) -> int:
+    return int(r.info("stats")["total_commands_processed"])
+
+
+def test_a_short_transfer_costs_one_write_at_each_end(r: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(telemetry, "FLUSH_SECONDS", 3600.0)  # a transfer shorter than the period
     meter = _meter(r)
     before = _hset_calls(r)
-    meter.flush(force=True)
+    meter.start()
+    meter.on_attempt(meter.digest)  # the first attempt writes nothing more
     for _ in range(20 * 16):  # 20 MiB in 64 KiB chunks: 320 chunks
         meter.on_bytes(meter.digest, 64 * 1024)
-    # the start, then one write per 8 MiB: at 8 and 16 MiB
-    assert _hset_calls(r) - before == 3
+    # the start only: nothing per chunk
+    assert _hset_calls(r) - before == 1
     rec = _record(r)
-    assert rec is not None and rec["bytes"] == 16 * MiB and rec["worker"] == "w1@host"
+    assert rec is not None and rec["bytes"] == 0 and rec["worker"] == "w1@host"
     assert telemetry.inflight(r, "j1")[0]["digest"] == meter.digest
     assert telemetry.inflight(r, "other") == []
+    commands = _calls(r)
     meter.close()
+    # the end: the record goes, the job's bytes and the counter: one round trip of three commands
+    assert _calls(r) - commands == 3 + 1  # INFO counts itself
     assert _record(r) is None
     assert telemetry.job_meter(r, "j1")["moved"] == 20 * MiB
+    assert telemetry.job_meter(r, "j1")["first_byte"] > 0
     (counter,) = [c for c in telemetry.counters(r) if c[0] == "transferred_bytes"]
     assert counter == (
         "transferred_bytes",
@@ -75,11 +86,29 @@ def test_progress_is_written_every_few_mib_not_per_chunk(r: redis.Redis, monkeyp
     )
 
 
+def test_a_long_transfer_writes_once_per_period(r: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(telemetry, "FLUSH_SECONDS", 0.2)
+    meter = _meter(r)
+    meter.start()
+    before = _hset_calls(r)
+    started = time.monotonic()
+    while time.monotonic() - started < 1.0:  # 1 s of 64 KiB chunks every 10 ms: about 100 chunks
+        meter.on_bytes(meter.digest, 64 * 1024)
+        time.sleep(0.01)
+    writes = _hset_calls(r) - before
+    assert 3 <= writes <= 6, writes  # one per 0.2 s, however many chunks
+    rec = _record(r)
+    assert rec is not None and 0 < int(str(rec["bytes"])) <= meter.bytes
+    meter.close()
+
+
 def test_a_new_attempt_counts_from_zero_but_moved_bytes_stay(r: redis.Redis) -> None:
     meter = _meter(r)
+    meter.start()
+    meter.on_attempt(meter.digest)
     meter.on_bytes(meter.digest, 3 * MiB)
     meter.flush()
-    meter.on_attempt(meter.digest)
+    meter.on_attempt(meter.digest)  # the second attempt starts from 0
     rec = _record(r)
     assert rec is not None and rec["bytes"] == 0
     meter.on_bytes(meter.digest, MiB)
@@ -91,6 +120,7 @@ def test_a_new_attempt_counts_from_zero_but_moved_bytes_stay(r: redis.Redis) -> 
 
 def test_job_progress_adds_bytes_in_flight_to_the_blobs_done(r: redis.Redis) -> None:
     meter = _meter(r, size=6 * MiB)
+    meter.start()
     meter.on_bytes(meter.digest, 2 * MiB)
     meter.flush()
     blobs = {

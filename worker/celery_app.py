@@ -51,6 +51,12 @@ def transport_options(timeout: int | None = None) -> dict[str, int]:
     }
 
 
+def events_wanted() -> bool:
+    """Whether Celery task events are sent (``FERRY_EVENTS=1``; ``ferry worker --events``): Flower needs them;
+    nothing else does, and they cost four Redis commands per task (the send, received, started, succeeded)."""
+    return os.environ.get("FERRY_EVENTS", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def make_app(url: str | None = None) -> Celery:
     url = url or queue_url()
     # FerryTask: Flower's task list shows "job=… image=… digest=…" instead of raw argument tuples
@@ -73,9 +79,9 @@ def make_app(url: str | None = None) -> Celery:
         task_routes={"ferry.copy_blob": {"queue": BLOB_QUEUE}},
         result_expires=24 * 3600,
         task_track_started=True,
-        # events for Flower
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        # events only for Flower (``ferry worker --events``, FERRY_EVENTS=1 for producers' task-sent events)
+        worker_send_task_events=events_wanted(),
+        task_send_sent_event=events_wanted(),
         worker_hijack_root_logger=False,
     )
     return celery

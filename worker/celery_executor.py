@@ -17,12 +17,14 @@ import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from worker.engine.plan import BlobStep, ImagePlan, Plan
 from worker.engine.status import BlobAction, BlobStatus, ImageStatus, JobState
 from worker.state import ImageRecord, SharedState
 
+#: images per enqueueing batch, at most (batches start at one image and double)
+MAX_BATCH = 256
 #: the reason given to images a stopped producer did not enqueue
 NOT_ENQUEUED = "not enqueued: the producer was stopped (ferry job retry JOB enqueues it)"
 
@@ -57,10 +59,17 @@ class CeleryExecutor:
         stop: threading.Event | None = None,
         on_image: Callable[[ImagePlan], None] | None = None,
     ) -> EnqueueResult:
-        """Send the tasks of ``images`` (blob steps already done are not sent again), image by image."""
+        """Send the tasks of ``images`` (blob steps already done are not sent again), in batches of images.
+
+        A batch's messages go out in one pipeline, then one call marks its images enqueued (so an image is
+        enqueued whole or not at all); a stop request is honoured between batches, which start at one image and
+        double up to ``MAX_BATCH``. A blob step that depends on another step sent before it (the same blob into
+        another repository or tag of the registry: a mount or nothing, once that step is done) is not sent but
+        left waiting in Redis; the task of the step it waits for sends it when that step ends, whatever the end.
+        """
         from worker.celery_app import app
         from worker.task_labels import image_label
-        from worker.tasks import copy_blob, finalize_image
+        from worker.tasks import copy_blob, finalize_image, waiting_entry
 
         jobs = self.state.jobs
         result = EnqueueResult(job_id)
@@ -71,33 +80,62 @@ class CeleryExecutor:
         blob_ids = [sid for img in todo for sid in img.steps if isinstance(plan.steps[sid], BlobStep)]
         states = jobs.blob_states(job_id, sorted(set(blob_ids)))
         done = {sid for sid, s in states.items() if s.status == BlobStatus.DONE}
+        waited_on = {d for sid in blob_ids for d in cast(BlobStep, plan.steps[sid]).deps}
         sent: set[str] = set()
+        start, size = 0, 1
         with app.producer_or_acquire() as producer:
-            for n, img in enumerate(todo):
+            while start < len(todo):
                 if stop is not None and stop.is_set():
-                    result.left_out = [i.id for i in todo[n:]]
+                    result.left_out = [i.id for i in todo[start:]]
                     break
-                mine = 0
-                for sid in img.steps:
-                    step = plan.steps[sid]
-                    if not isinstance(step, BlobStep) or sid in sent or sid in done:
-                        continue
-                    sent.add(sid)
-                    mine += 1
-                    # the step's own wire form: names and a digest as text, never bytes or credentials
-                    args = (job_id, img.id, *step.to_message(), step_images.get(sid, [img.id]))
-                    # a layer (de/re)compressed on the way: the worker reads the source layer and transforms it
-                    recompress = step.recompress_message()
-                    kwargs = {"recompress": recompress} if recompress is not None else {}
-                    copy_blob.apply_async(args, kwargs, producer=producer)
-                jobs.mark_enqueued(job_id, img.id)
-                if not mine and jobs.images_left(job_id, [img.id])[img.id] <= 0:
+                batch = todo[start : start + size]
+                start, size = start + len(batch), min(size * 2, MAX_BATCH)
+                tasks: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+                waits: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+                flags: list[tuple[str, bool]] = []
+                for img in batch:
+                    mine = 0
+                    for sid in img.steps:
+                        step = plan.steps[sid]
+                        if not isinstance(step, BlobStep) or sid in sent or sid in done:
+                            continue
+                        sent.add(sid)
+                        mine += 1
+                        # the step's own wire form: names and a digest as text, never bytes or credentials
+                        args = (job_id, img.id, *step.to_message(), step_images.get(sid, [img.id]))
+                        kwargs: dict[str, Any] = {"waited_on": True} if sid in waited_on else {}
+                        # a layer (de/re)compressed on the way: the worker reads the source layer and transforms it
+                        recompress = step.recompress_message()
+                        if recompress is not None:
+                            kwargs["recompress"] = recompress
+                        after = next((d for d in step.deps if d in done), "")
+                        dep = next((d for d in step.deps if d in sent), None)
+                        if after:
+                            tasks.append((args, {**kwargs, "after": after}))
+                        elif dep is not None:
+                            waits.append((dep, args, kwargs))
+                        else:
+                            tasks.append((args, kwargs))
                     # nothing of its own to copy (all done, or shared with an image sent before): finalize now
-                    label = image_label(job_id, img.destination, img.id)
-                    finalize_image.apply_async((job_id, img.id), producer=producer, argsrepr=label)
-                result.enqueued.append(img.id)
-                if on_image is not None:
-                    on_image(img)
+                    flags.append((img.id, not mine))
+                entries = [(dep, waiting_entry(args, kw)) for dep, args, kw in waits]
+                for n in jobs.defer(job_id, entries):
+                    # the step it waits for has ended already
+                    tasks.append(waits[n][1:])
+                with producer.batch(max_size=2 * MAX_BATCH):
+                    for args, kwargs in tasks:
+                        copy_blob.apply_async(args, kwargs or None, producer=producer)
+                due = jobs.mark_enqueued_batch(job_id, flags)
+                if due:
+                    with producer.batch(max_size=2 * MAX_BATCH):
+                        for image_id in due:
+                            img_plan = next(i for i in batch if i.id == image_id)
+                            label = image_label(job_id, img_plan.destination, image_id)
+                            finalize_image.apply_async((job_id, image_id), producer=producer, argsrepr=label)
+                for img in batch:
+                    result.enqueued.append(img.id)
+                    if on_image is not None:
+                        on_image(img)
         for image_id in result.left_out:
             jobs.end_image(job_id, image_id, ImageStatus.CANCELLED, NOT_ENQUEUED)
         jobs.set_running(job_id)

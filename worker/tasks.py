@@ -14,6 +14,7 @@ Every task body runs under a ``try`` that records the outcome: an image ends ``d
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
@@ -38,9 +39,9 @@ from worker.engine.status import BlobStatus, ImageStatus
 from worker.engine.steps import BlobResult, EngineContext, blob_store, existing_blob, run_manifest_step, transfer_blob
 from worker.engine.transports import ClientPool, ImageName, SideConfig
 from worker.engine.trust import Signer, SigningConfig, sign_written
-from worker.registry import USER_AGENT, FerryError, RetryPolicy, is_temporary
+from worker.registry import USER_AGENT, Cancelled, FerryError, RetryPolicy, is_temporary
 from worker.state import BlobState, RedisGate, SharedState, connect
-from worker.state.locks import release, renew
+from worker.state.locks import InFlightLock, release, renew
 
 log = logging.getLogger("ferry.worker")
 
@@ -48,6 +49,8 @@ log = logging.getLogger("ferry.worker")
 LOCK_TTL = float(os.environ.get("FERRY_LOCK_TTL", "30"))
 #: longest pause before a task waiting on another worker's upload of the same blob looks again
 LOCK_WAIT_POLL = float(os.environ.get("FERRY_LOCK_POLL", "2"))
+#: how long a task waits in place for another task's upload of the same blob before it re-queues itself
+LOCK_WAIT_MAX = float(os.environ.get("FERRY_LOCK_WAIT", "60"))
 #: how many times a temporary failure of one blob is retried by re-queueing it
 DEFAULT_TASK_RETRIES = 5
 #: how many times a finalizer that hit a temporary error (a manifest PUT answered 503...) is retried ...
@@ -159,6 +162,27 @@ def _lock_wait(task: Task) -> float:
     return float(min(0.2 * 2**waits, LOCK_WAIT_POLL) * random.uniform(0.75, 1.25))
 
 
+def _wait_for_lock(store: str, digest: str, cancelled: Callable[[], bool]) -> InFlightLock | None:
+    """Take the in-flight lock of a digest another task is uploading, waiting in place for its upload to end:
+    looked at soon at first (most blobs are small), then every ``FERRY_LOCK_POLL`` seconds, for at most
+    ``FERRY_LOCK_WAIT`` seconds (one SET per look). ``None``: still busy (or the job was cancelled)."""
+    locks = _state().locks
+    deadline = time.monotonic() + LOCK_WAIT_MAX
+    pause = 0.1
+    while time.monotonic() < deadline:
+        time.sleep(min(pause, max(deadline - time.monotonic(), 0.0)) * random.uniform(0.8, 1.2))
+        lock = locks.acquire(store, digest, LOCK_TTL)
+        if lock is not None:
+            if cancelled():  # cancelled while waiting: start nothing
+                release(lock)
+                return None
+            return lock
+        if pause >= LOCK_WAIT_POLL / 2 and cancelled():
+            return None
+        pause = min(pause * 2, LOCK_WAIT_POLL)
+    return None
+
+
 def _host(name: ImageName) -> str:
     return name.reference.api_host if name.reference is not None else ""
 
@@ -225,15 +249,23 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _fail_images(
-    job_id: str, step_id: str, image_ids: list[str], error: str, worker: str, destination_registry: str
+    job_id: str,
+    step_id: str,
+    image_ids: list[str],
+    error: str,
+    worker: str,
+    destination_registry: str,
+    waited_on: bool = False,
 ) -> None:
-    """A blob failed for good: it and every image it belongs to fail (best effort: Redis may be the cause)."""
+    """A blob failed for good: it and every image it belongs to fail (best effort: Redis may be the cause). The
+    steps that waited for it are sent on: each may still upload the blob itself."""
     try:
         jobs = _state().jobs
-        jobs.set_blob(job_id, step_id, BlobState(BlobStatus.FAILED, worker=worker, error=error))
+        waiting = jobs.blob_ended(job_id, step_id, BlobState(BlobStatus.FAILED, worker=worker, error=error), waited_on)
         telemetry.count_blob(jobs.r, "failed", destination_registry)
         for image_id in image_ids:
             jobs.end_image(job_id, image_id, ImageStatus.FAILED, error)
+        _release_waiting(job_id, step_id, waiting, False)
     except Exception:
         log.exception("could not record the failure of %s/%s: %s", job_id, step_id, error)
 
@@ -241,6 +273,22 @@ def _fail_images(
 def send_finalizers(job_id: str, image_ids: list[str]) -> None:
     for image_id in image_ids:
         finalize_image.apply_async((job_id, image_id))
+
+
+def waiting_entry(args: list[Any] | tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """How a blob task that waits for another step is kept (``JobStore.defer``) until that step ends."""
+    return json.dumps({"a": list(args), "k": kwargs}, separators=(",", ":"))
+
+
+def send_waiting(entries: list[str], done_step: str = "") -> None:
+    """Send the blob tasks that waited for a step which has now ended (``done_step``: the step, when it ended
+    done: a mount from the repository it wrote is then sure to work)."""
+    for raw in entries:
+        entry = json.loads(raw)
+        kwargs = dict(entry.get("k") or {})
+        if done_step:
+            kwargs["after"] = done_step
+        copy_blob.apply_async(tuple(entry["a"]), kwargs or None)
 
 
 @app.task(name="ferry.copy_blob", bind=True, max_retries=None, acks_late=True, ignore_result=True)
@@ -257,27 +305,42 @@ def copy_blob(
     mount_from: str | None = None,
     images: list[str] | None = None,
     recompress: list[Any] | None = None,
+    waited_on: bool = False,
+    after: str = "",
 ) -> dict[str, Any]:
     """Make one blob exist at the destination: skip, mount, or stream it (once per registry at a time).
 
     ``recompress``: [source digest, source size, source media type, transform] of a layer (de/re)compressed on
-    the way (``BlobStep.recompress_message``).
+    the way (``BlobStep.recompress_message``). ``waited_on``: other steps of the job wait for this one (the
+    same blob into other repositories of the registry, or other tags): they are sent when it ends. ``after``:
+    this step waited for that step, which ended done (so the blob is in the registry, in ``mount_from`` or in
+    this very repository).
     """
     image_ids = list(images or [image_id])
     worker = _worker_name(self)
     try:
         # the message's names and digest are parsed here, once: a malformed one fails the blob's images
         step = BlobStep.from_message(step_id, source, destination, digest, size, media_type, mount_from, recompress)
-        return _copy_blob(self, job_id, step, image_ids, worker)
+        if after:
+            step = dataclasses.replace(step, deps=(after,))
+        return _copy_blob(self, job_id, step, image_ids, worker, waited_on, bool(after))
     except Retry:
         raise
     except Exception as exc:
         # a permanent registry error, a bug, or Redis gone: the blob's images end failed, never stay running
-        _fail_images(job_id, step_id, image_ids, _one_line(exc), worker, _host_of(destination))
+        _fail_images(job_id, step_id, image_ids, _one_line(exc), worker, _host_of(destination), waited_on)
         raise
 
 
-def _copy_blob(self: Task, job_id: str, step: BlobStep, image_ids: list[str], worker: str) -> dict[str, Any]:
+def _release_waiting(job_id: str, step_id: str, entries: list[str], done: bool) -> None:
+    if entries:
+        send_waiting(entries, step_id if done else "")
+        _state().jobs.forget_waiting(job_id, step_id)
+
+
+def _copy_blob(
+    self: Task, job_id: str, step: BlobStep, image_ids: list[str], worker: str, waited_on: bool, deps_done: bool
+) -> dict[str, Any]:
     state = _state()
     jobs = state.jobs
     cancelled, current = jobs.blob_begin(job_id, step.id)
@@ -285,24 +348,23 @@ def _copy_blob(self: Task, job_id: str, step: BlobStep, image_ids: list[str], wo
         return {"digest": str(step.digest), "action": "cancelled"}
     if current.status == BlobStatus.DONE:
         # delivered again (or a duplicate): the first delivery may have died before starting the finalizers
+        # and sending the steps that waited for this one
         left = jobs.images_left(job_id, image_ids)
         send_finalizers(job_id, [i for i, n in left.items() if n <= 0 and not jobs.image(job_id, i).status.ended])
+        if waited_on:
+            _release_waiting(job_id, step.id, jobs.blob_done(job_id, step.id, current, [], True)[1], True)
         return {"digest": str(step.digest), "action": current.action or "done", "bytes": 0}
     _start_images(job_id, image_ids)
-    store = blob_store(step)
-    lock = state.locks.acquire(store, str(step.digest), LOCK_TTL)
-    if lock is None:
-        # another task is uploading this digest to this registry right now: a mount would be refused, so wait
-        # and look again, soon at first (most blobs are small), then every FERRY_LOCK_POLL seconds
-        raise self.retry(countdown=_lock_wait(self), max_retries=None)
     ctx = _context(job_id)
     try:
-        result = existing_blob(ctx, step)
+        # no lock to skip or mount: only an upload must be the only one of its digest to its registry
+        result = existing_blob(ctx, step, deps_done=deps_done)
         if result is None:
-            result = _transfer(self, ctx, job_id, step, lock, worker)
+            result = _upload(self, ctx, job_id, step, worker)
     except FerryError as exc:
         if ctx.cancel.is_set() or jobs.cancelled(job_id):
-            jobs.set_blob(job_id, step.id, BlobState(BlobStatus.CANCELLED, worker=worker))
+            state_ = BlobState(BlobStatus.CANCELLED, worker=worker)
+            _release_waiting(job_id, step.id, jobs.blob_ended(job_id, step.id, state_, waited_on), False)
             telemetry.count_blob(jobs.r, "cancelled", _host(step.destination))
             return {"digest": str(step.digest), "action": "cancelled"}
         error = " ".join(str(exc).split())
@@ -317,12 +379,37 @@ def _copy_blob(self: Task, job_id: str, step: BlobStep, image_ids: list[str], wo
         telemetry.count(jobs.r, "blob_retries", registry=_host(step.destination), reason=type(exc).__name__)
         raise self.retry(countdown=countdown, max_retries=None) from exc
     finally:
-        release(lock)
         ctx.close_transports()
     done = BlobState(BlobStatus.DONE, result.action, result.bytes, worker)
-    send_finalizers(job_id, jobs.blob_done(job_id, step.id, done, image_ids))
+    ready, waiting = jobs.blob_done(job_id, step.id, done, image_ids, waited_on)
+    send_finalizers(job_id, ready)
+    _release_waiting(job_id, step.id, waiting, True)
     telemetry.count_blob(jobs.r, result.action.value, _host(step.destination))
     return {"digest": str(step.digest), "action": result.action.value, "bytes": result.bytes}
+
+
+def _upload(self: Task, ctx: EngineContext, job_id: str, step: BlobStep, worker: str) -> BlobResult:
+    """Stream the blob, holding its in-flight lock; when another task holds it (the same digest to the same
+    registry, from another job), wait for that upload to end and look again: a mount or nothing may do then."""
+    store = blob_store(step)
+    lock = _state().locks.acquire(store, str(step.digest), LOCK_TTL)
+    waited = lock is None
+    if lock is None:
+        lock = _wait_for_lock(store, str(step.digest), lambda: _state().jobs.cancelled(job_id))
+        if lock is None:
+            if _state().jobs.cancelled(job_id):
+                ctx.cancel.set()
+                raise Cancelled("copy interrupted")
+            # still busy after FERRY_LOCK_WAIT seconds (a long upload): queue up again rather than hold a slot
+            raise self.retry(countdown=_lock_wait(self), max_retries=None)
+    try:
+        if waited:
+            found = existing_blob(ctx, step)
+            if found is not None:
+                return found
+        return _transfer(self, ctx, job_id, step, lock, worker)
+    finally:
+        release(lock)
 
 
 def _transfer(self: Task, ctx: EngineContext, job_id: str, step: BlobStep, lock: Lock, worker: str) -> BlobResult:
@@ -344,7 +431,7 @@ def _signer(config_json: str) -> Signer:
     return Signer(SigningConfig.from_json(json.loads(config_json)))
 
 
-@app.task(name="ferry.finalize_image", bind=True, max_retries=None, acks_late=True)
+@app.task(name="ferry.finalize_image", bind=True, max_retries=None, acks_late=True, ignore_result=True)
 def finalize_image(
     self: Task,
     job_id: str,
@@ -422,4 +509,4 @@ def _finalize(
     return {"image": image_id, "status": "done", "digest": record.digest}
 
 
-__all__ = ["ImageName", "copy_blob", "finalize_image", "send_finalizers"]
+__all__ = ["ImageName", "copy_blob", "finalize_image", "send_finalizers", "send_waiting", "waiting_entry"]

@@ -14,8 +14,9 @@ Keys (all under ``ferry:telemetry:``)::
     counters          hash  JSON [metric, [[label, value], ...]] -> number: the Prometheus counters and the
                             job-duration histogram, summed over every worker
 
-Writes are throttled: a transfer touches Redis at most every ``FLUSH_SECONDS`` or ``FLUSH_BYTES``, whichever
-comes first, never once per chunk.
+Writes are few: one when a transfer starts (its in-flight record), one when it ends (the record goes, its bytes
+are counted), and while it streams one every ``FLUSH_SECONDS`` (2 s): a blob that takes under that costs two
+writes, never one per chunk.
 """
 
 from __future__ import annotations
@@ -37,10 +38,8 @@ log = logging.getLogger("ferry.telemetry")
 PREFIX = "ferry:telemetry:"
 INFLIGHT = f"{PREFIX}inflight"
 COUNTERS = f"{PREFIX}counters"
-#: longest pause between two progress writes of a transfer that is moving bytes
-FLUSH_SECONDS = 0.5
-#: or sooner, once this many bytes came in since the last write
-FLUSH_BYTES = 8 * 1024 * 1024
+#: pause between two progress writes of a transfer that is moving bytes
+FLUSH_SECONDS = 2.0
 #: an in-flight record not updated for this long belongs to a worker that died: readers ignore it
 STALE_SECONDS = 600.0
 #: the job-duration histogram's bucket bounds (seconds)
@@ -73,11 +72,16 @@ def counters(r: redis.Redis) -> Iterator[tuple[str, dict[str, str], float]]:
         yield str(metric), {str(k): str(v) for k, v in labels}, float(value)
 
 
+#: jobs whose first byte this process has already recorded (``first_byte`` is set once per job)
+_first_byte_seen: set[str] = set()
+_first_byte_lock = threading.Lock()
+
+
 @dataclass
 class TransferMeter:
-    """Counts one blob transfer's bytes as they stream and shows them in Redis, at most every
-    ``FLUSH_SECONDS`` or ``FLUSH_BYTES``. A new attempt (the engine restarts a failed upload from byte 0)
-    starts the in-flight count again; the bytes already sent still count as moved."""
+    """Counts one blob transfer's bytes as they stream and shows them in Redis: at the start, every
+    ``FLUSH_SECONDS`` while bytes come, and at the end. A new attempt (the engine restarts a failed upload from
+    byte 0) starts the in-flight count again; the bytes already sent still count as moved."""
 
     r: redis.Redis
     job_id: str
@@ -90,6 +94,7 @@ class TransferMeter:
     #: bytes of the current attempt
     bytes: int = 0
     started: float = field(default_factory=time.time)
+    attempts: int = 0
     _unflushed: int = 0
     _last_flush: float = field(default_factory=time.monotonic)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -118,16 +123,20 @@ class TransferMeter:
         with self._lock:
             self.bytes += n
             self._unflushed += n
-            due = self._unflushed >= FLUSH_BYTES or time.monotonic() - self._last_flush >= FLUSH_SECONDS
+            due = time.monotonic() - self._last_flush >= FLUSH_SECONDS
         if due:
             self._try_flush()
 
     def on_attempt(self, digest: str) -> None:
-        """A (new) streaming attempt starts: its bytes count from 0."""
-        self._try_flush()
+        """A streaming attempt starts: its bytes count from 0 (the first one's start was written already)."""
         with self._lock:
-            self.bytes = 0
-        self._try_flush(force=True)
+            self.attempts += 1
+            again = self.attempts > 1
+        if again:
+            self._try_flush()
+            with self._lock:
+                self.bytes = 0
+            self._try_flush(force=True)
 
     def _try_flush(self, *, force: bool = False) -> None:
         """Telemetry never fails a copy: a Redis error here leaves the count to the next write."""
@@ -136,23 +145,41 @@ class TransferMeter:
         except redis.RedisError:
             log.debug("progress write failed", exc_info=True)
 
-    def flush(self, *, force: bool = False) -> None:
+    def start(self) -> None:
+        """The transfer starts: its in-flight record, and the job's first byte if this process has not seen it."""
+        with _first_byte_lock:
+            first = self.job_id not in _first_byte_seen
+            if first:
+                if len(_first_byte_seen) > 10_000:
+                    _first_byte_seen.clear()
+                _first_byte_seen.add(self.job_id)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(INFLIGHT, self.field, json.dumps(self.record()))
+        if first:
+            job_key = f"{PREFIX}job:{self.job_id}"
+            pipe.hsetnx(job_key, "first_byte", time.time())
+            pipe.expire(job_key, JOB_TTL)
+        with self._io:
+            self._last_flush = time.monotonic()
+            pipe.execute()
+
+    def flush(self, *, force: bool = False, end: bool = False) -> None:
         """Write the count if bytes came since the last write (or if ``force``); one writer at a time, so the
-        in-flight record never goes back."""
+        in-flight record never goes back. ``end``: the transfer is over, its record goes."""
         with self._io:
             with self._lock:
-                if not force and self._unflushed == 0:
+                if not force and not end and self._unflushed == 0:
                     return
                 moved, self._unflushed = self._unflushed, 0
                 self._last_flush = time.monotonic()
                 record = json.dumps(self.record())
-            job_key = f"{PREFIX}job:{self.job_id}"
             pipe = self.r.pipeline(transaction=False)
-            pipe.hset(INFLIGHT, self.field, record)
+            if end:
+                pipe.hdel(INFLIGHT, self.field)
+            else:
+                pipe.hset(INFLIGHT, self.field, record)
             if moved:
-                pipe.hincrby(job_key, "moved", moved)
-                pipe.hsetnx(job_key, "first_byte", time.time())
-                pipe.expire(job_key, JOB_TTL)
+                pipe.hincrby(f"{PREFIX}job:{self.job_id}", "moved", moved)
                 labels = {"source_registry": self.source_registry, "destination_registry": self.destination_registry}
                 pipe.hincrbyfloat(COUNTERS, _counter_field("transferred_bytes", labels), moved)
             try:
@@ -163,8 +190,7 @@ class TransferMeter:
                 raise
 
     def close(self) -> None:
-        self.flush()
-        self.r.hdel(INFLIGHT, self.field)
+        self.flush(end=True)
 
 
 @contextmanager
@@ -185,7 +211,10 @@ def metering(hooks: EngineHooks, meter: TransferMeter) -> Iterator[TransferMeter
     hooks.on_attempt = meter.on_attempt
     ticker = threading.Thread(target=tick, name="ferry-meter", daemon=True)
     try:
-        meter._try_flush(force=True)
+        try:
+            meter.start()
+        except redis.RedisError:
+            log.debug("progress write failed", exc_info=True)
         ticker.start()
         yield meter
     finally:
@@ -284,7 +313,6 @@ def job_progress(
 
 __all__ = [
     "DURATION_BUCKETS",
-    "FLUSH_BYTES",
     "FLUSH_SECONDS",
     "TransferMeter",
     "count",

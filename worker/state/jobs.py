@@ -63,19 +63,62 @@ end
 return {1, raw, old or '', job_ended}
 """
 
-# KEYS: blob states, images' countdown, job hash; ARGV: step id, JSON state, now, image ids...
+# KEYS: blob states, images' countdown, job hash, dependents; ARGV: step id, JSON state, now, "1" when steps wait
+# for this one, image ids...
 # Marks the blob done once (a redelivered task finds it done and changes nothing) and counts it off each of its
-# images; returns the images left with no blob to wait for (their finalizers can run).
+# images. Returns the steps waiting for this one (``job:{id}:after``, newline-separated, or ''), then the images
+# left with no blob to wait for (their finalizers can run).
 _BLOB_DONE = """
+local after = ''
+if ARGV[4] == '1' then after = redis.call('hget', KEYS[4], ARGV[1]) or '' end
 local cur = redis.call('hget', KEYS[1], ARGV[1])
-if cur and string.find(cur, '"status":"done"', 1, true) then return {} end
+if cur and string.find(cur, '"status":"done"', 1, true) then return {after} end
 redis.call('hset', KEYS[1], ARGV[1], ARGV[2])
 redis.call('hset', KEYS[3], 'touched', ARGV[3])
-local ready = {}
-for i = 4, #ARGV do
+local ready = {after}
+for i = 5, #ARGV do
   if redis.call('hincrby', KEYS[2], ARGV[i], -1) <= 0 then table.insert(ready, ARGV[i]) end
 end
 return ready
+"""
+
+# KEYS: blob states, dependents; ARGV: TTL, then pairs (step id it waits for, the waiting step's entry).
+# Each entry waits in ``job:{id}:after`` until the step it depends on ends, unless that step has already ended:
+# returns the (1-based) numbers of the entries to send now.
+_DEFER = """
+local now = {}
+local n = 0
+for i = 2, #ARGV, 2 do
+  n = n + 1
+  local s = redis.call('hget', KEYS[1], ARGV[i])
+  if s and (string.find(s, '"status":"done"', 1, true) or string.find(s, '"status":"failed"', 1, true)
+            or string.find(s, '"status":"cancelled"', 1, true)) then
+    table.insert(now, n)
+  else
+    local cur = redis.call('hget', KEYS[2], ARGV[i])
+    redis.call('hset', KEYS[2], ARGV[i], cur and (cur .. '\\n' .. ARGV[i + 1]) or ARGV[i + 1])
+  end
+end
+redis.call('expire', KEYS[2], ARGV[1])
+return now
+"""
+
+# KEYS: images hash, images' countdown; ARGV: pairs (image id, "1" when its finalizer may be due now).
+# Marks a batch of images enqueued; returns those flagged whose blobs are all done already.
+_ENQUEUED = """
+local due = {}
+for i = 1, #ARGV, 2 do
+  local raw = redis.call('hget', KEYS[1], ARGV[i])
+  if raw then
+    local rec = cjson.decode(raw)
+    rec['enqueued'] = true
+    redis.call('hset', KEYS[1], ARGV[i], cjson.encode(rec))
+    if ARGV[i + 1] == '1' and tonumber(redis.call('hget', KEYS[2], ARGV[i]) or '0') <= 0 then
+      table.insert(due, ARGV[i])
+    end
+  end
+end
+return due
 """
 
 # KEYS: job hash; ARGV: new state, expected state. Compare-and-set of the job's state.
@@ -96,7 +139,11 @@ redis.call('hset', KEYS[1], ARGV[1], left)
 return left
 """
 
-_SUFFIXES = ("", ":plan", ":images", ":blobs", ":blob_state", ":counts", ":left", ":manifests", ":image_blobs")
+_SUFFIXES = (
+    "", ":plan", ":images", ":blobs", ":blob_state", ":counts", ":left", ":manifests", ":image_blobs", ":after",
+)  # fmt: skip
+#: the field of ``job:{id}:blob_state`` set when the job is cancelled (a blob task reads it with its own state)
+CANCEL_FIELD = "_cancelled"
 
 
 def _compact(obj: dict[str, Any]) -> str:
@@ -250,6 +297,8 @@ class JobStore:
         self._blob_done = r.register_script(_BLOB_DONE)
         self._state_if = r.register_script(_JOB_STATE_IF)
         self._count_left = r.register_script(_COUNT_LEFT)
+        self._defer = r.register_script(_DEFER)
+        self._enqueued = r.register_script(_ENQUEUED)
 
     # -- creating and reading -------------------------------------------------------------------------------------
 
@@ -334,6 +383,13 @@ class JobStore:
     def job(self, job_id: str) -> JobRecord:
         return JobRecord.parse(job_id, cast(dict[str, str], self.r.hgetall(k.job(job_id))))
 
+    def glance(self, job_id: str) -> tuple[JobState, int, float]:
+        """One command: the job's state, how many images have ended, when an image or blob last changed state."""
+        state, ended, touched, created = cast(
+            list[str | None], self.r.hmget(k.job(job_id), ["state", "ended", "touched", "created"])
+        )
+        return JobState(state or "queued"), int(ended or 0), float(touched or created or 0)
+
     def options(self, job_id: str) -> str:
         return str(self.r.hget(k.job(job_id), "options") or "{}")
 
@@ -378,15 +434,22 @@ class JobStore:
     # -- what a blob task reads and writes ---------------------------------------------------------------------------
 
     def blob_begin(self, job_id: str, step_id: str) -> tuple[bool, BlobState]:
-        """One round trip at a blob task's start: is the job cancelled, and the blob's state."""
-        pipe = self.r.pipeline(transaction=False)
-        pipe.exists(k.job(job_id, ":cancel"))
-        pipe.hget(k.job(job_id, ":blob_state"), step_id)
-        cancelled, raw = pipe.execute()
+        """One command at a blob task's start: is the job cancelled, and the blob's state."""
+        raw, cancelled = cast(list[str | None], self.r.hmget(k.job(job_id, ":blob_state"), [step_id, CANCEL_FIELD]))
         return bool(cancelled), BlobState.parse(raw)
 
     def set_blob(self, job_id: str, step_id: str, state: BlobState) -> None:
         self.r.hset(k.job(job_id, ":blob_state"), step_id, state.dump())
+
+    def blob_ended(self, job_id: str, step_id: str, state: BlobState, waited_on: bool) -> list[str]:
+        """Record a blob ``failed`` or ``cancelled``; returns the entries of the steps that waited for it."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(k.job(job_id, ":blob_state"), step_id, state.dump())
+        if waited_on:
+            # after the state: a step that registers to wait from now on sees it ended and is sent at once
+            pipe.hget(k.job(job_id, ":after"), step_id)
+        out = pipe.execute()
+        return _entries(out[1] if waited_on else None)
 
     def blob_attempt(self, job_id: str, step_id: str, worker: str) -> int:
         """A transfer of the blob starts now on ``worker``: returns the attempt number."""
@@ -404,11 +467,39 @@ class JobStore:
         )
         return int(pipe.execute()[0])
 
-    def blob_done(self, job_id: str, step_id: str, state: BlobState, image_ids: Iterable[str]) -> list[str]:
-        """Record the blob done (once); returns the images that now have every blob done."""
-        keys = [k.job(job_id, ":blob_state"), k.job(job_id, ":left"), k.job(job_id)]
-        ready = self._blob_done(keys=keys, args=[step_id, state.dump(), time.time(), *image_ids])
-        return [str(i) for i in cast(list[Any], ready)]
+    def blob_done(
+        self, job_id: str, step_id: str, state: BlobState, image_ids: Iterable[str], waited_on: bool = False
+    ) -> tuple[list[str], list[str]]:
+        """Record the blob done (once). Returns the images that now have every blob done, and (``waited_on``) the
+        entries of the steps that waited for this one (also when it was done already: a redelivered task sends
+        them again, as the first delivery may have died before it did)."""
+        keys = [k.job(job_id, ":blob_state"), k.job(job_id, ":left"), k.job(job_id), k.job(job_id, ":after")]
+        args = [step_id, state.dump(), time.time(), "1" if waited_on else "0", *image_ids]
+        after, *ready = cast(list[Any], self._blob_done(keys=keys, args=args))
+        return [str(i) for i in ready], _entries(after)
+
+    def defer(self, job_id: str, waits: list[tuple[str, str]]) -> list[int]:
+        """Let each ``(step it waits for, entry)`` wait until that step ends; returns the indexes (0-based) of the
+        entries whose step has already ended, to be sent now."""
+        if not waits:
+            return []
+        args: list[str | int] = [k.JOB_TTL]
+        for dep, entry in waits:
+            args += [dep, entry]
+        keys = [k.job(job_id, ":blob_state"), k.job(job_id, ":after")]
+        return [int(n) - 1 for n in cast(list[Any], self._defer(keys=keys, args=args))]
+
+    def forget_waiting(self, job_id: str, step_id: str) -> None:
+        """The steps that waited for ``step_id`` have all been sent on."""
+        self.r.hdel(k.job(job_id, ":after"), step_id)
+
+    def mark_enqueued_batch(self, job_id: str, images: list[tuple[str, bool]]) -> list[str]:
+        """Mark images enqueued in one call; of those flagged, returns the ones whose blobs are all done."""
+        if not images:
+            return []
+        args = [x for image_id, flag in images for x in (image_id, "1" if flag else "0")]
+        due = self._enqueued(keys=[k.job(job_id, ":images"), k.job(job_id, ":left")], args=args)
+        return [str(i) for i in cast(list[Any], due)]
 
     def images_left(self, job_id: str, image_ids: list[str]) -> dict[str, int]:
         raw = cast(list[str | None], self.r.hmget(k.job(job_id, ":left"), image_ids))
@@ -469,7 +560,10 @@ class JobStore:
             self._observe_end(job_id, state, now)
 
     def cancel(self, job_id: str, reason: str = "cancelled by user") -> None:
-        self.r.set(k.job(job_id, ":cancel"), "1", ex=k.JOB_TTL)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.set(k.job(job_id, ":cancel"), "1", ex=k.JOB_TTL)
+        pipe.hset(k.job(job_id, ":blob_state"), CANCEL_FIELD, "1")
+        pipe.execute()
         for image_id, rec in self.images(job_id).items():
             if not rec.status.ended:
                 self.end_image(job_id, image_id, ImageStatus.CANCELLED, reason)
@@ -484,6 +578,7 @@ class JobStore:
     def reset_for_retry(self, job_id: str, image_ids: list[str]) -> None:
         """Make images pending again, forget their unfinished blobs' attempts, and recount what each waits for."""
         self.r.delete(k.job(job_id, ":cancel"))
+        self.r.hdel(k.job(job_id, ":blob_state"), CANCEL_FIELD)
         self.r.hset(k.job(job_id), mapping={"state": JobState.QUEUED.value, "finished": 0})
         states = cast(dict[str, str], self.r.hgetall(k.job(job_id, ":blob_state")))
         for image_id in image_ids:
@@ -497,4 +592,8 @@ class JobStore:
             self._count_left(keys=[k.job(job_id, ":left"), k.job(job_id, ":blob_state")], args=[image_id, *mine])
 
 
-__all__ = ["BlobRecord", "BlobState", "ImageRecord", "JobRecord", "JobStore"]
+def _entries(raw: str | None) -> list[str]:
+    return [e for e in (raw or "").split("\n") if e]
+
+
+__all__ = ["CANCEL_FIELD", "BlobRecord", "BlobState", "ImageRecord", "JobRecord", "JobStore"]

@@ -19,18 +19,28 @@ BEAT_INTERVAL = 5.0
 BEAT_TIMEOUT = 30.0
 
 
+#: a beat also forgets workers gone for a day, and renews the sets' expiry, this often
+TIDY_INTERVAL = 300.0
+
+
 class WorkerRegistry:
     def __init__(self, r: redis.Redis) -> None:
         self.r = r
+        self._tidied = 0.0
 
     def beat(self, name: str, queues: Iterable[str]) -> None:
+        """One ZADD per queue; every ``TIDY_INTERVAL`` also the clean-up and the expiry."""
         now = time.time()
+        tidy = now - self._tidied >= TIDY_INTERVAL
         pipe = self.r.pipeline(transaction=False)
         for q in queues:
             pipe.zadd(k.consumers(q), {name: now})
-            pipe.zremrangebyscore(k.consumers(q), "-inf", now - 24 * 3600)
-            pipe.expire(k.consumers(q), 24 * 3600)
+            if tidy:
+                pipe.zremrangebyscore(k.consumers(q), "-inf", now - 24 * 3600)
+                pipe.expire(k.consumers(q), 24 * 3600)
         pipe.execute()
+        if tidy:
+            self._tidied = now
 
     def leave(self, name: str, queues: Iterable[str]) -> None:
         pipe = self.r.pipeline(transaction=False)
