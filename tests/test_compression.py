@@ -31,7 +31,15 @@ from tests.test_distributed import (  # noqa: F401 (the Celery fixtures)
 )
 from tests.test_distributed import ferry as ferry_env
 from tests.test_skopeo_flags import both, ferry
-from worker.engine.compression import CompressionOptions, gzip_stream, measure, plan_layer, transform, zstd_stream
+from worker.engine.compression import (
+    CompressionOptions,
+    engine,
+    gzip_stream,
+    measure,
+    plan_layer,
+    transform,
+    zstd_stream,
+)
 from worker.registry import Descriptor, Digest, InvalidInput
 
 INSECURE = ("--src-tls-verify=false", "--dest-tls-verify=false")
@@ -99,6 +107,13 @@ def test_transform_is_deterministic_whatever_the_chunking(op: str) -> None:
         assert b"".join(gzip_stream([data], int(op[5:]))) == one
 
 
+def test_another_compressor_refuses_the_step() -> None:
+    """A step measured with another library (or version) would push bytes its digest does not match: refused."""
+    assert b"".join(transform([b"x" * 1000], f"gzip:6@{engine('gzip')}", "blob x"))
+    with pytest.raises(InvalidInput, match=r"blob x: planned with gzip from zlib 0\.0, but this process has"):
+        b"".join(transform([b"x" * 1000], "gzip:6@zlib 0.0", "blob x"))
+
+
 def test_plan_layer_follows_containers_image() -> None:
     gz = Descriptor(GZIP_V2S2, Digest.of(b"a"), 1)
     plain = Descriptor(PLAIN_V2S2, Digest.of(b"b"), 1)
@@ -108,10 +123,10 @@ def test_plan_layer_follows_containers_image() -> None:
     zstd = CompressionOptions.parse("zstd", None)
     # a registry: plain layers gzipped by default, compressed ones kept unless another format is asked for
     assert plan_layer(plain, "compress", default) is not None
-    assert plan_layer(plain, "compress", default).op == "gzip:6"  # type: ignore[union-attr]
+    assert plan_layer(plain, "compress", default).op == f"gzip:6@{engine('gzip')}"  # type: ignore[union-attr]
     assert plan_layer(gz, "compress", default) is None
     change = plan_layer(gz, "compress", zstd)
-    assert change is not None and change.op == "zstd:3" and change.media_type == ZSTD_OCI
+    assert change is not None and change.op == f"zstd:3@{engine('zstd')}" and change.media_type == ZSTD_OCI
     assert plan_layer(zst, "compress", zstd) is None
     assert plan_layer(foreign, "compress", zstd) is None
     # dir --dest-decompress; preserve touches nothing
