@@ -96,6 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     from . import trust_cmd
 
     trust_cmd.add_global_flags(parser)
+    # current skopeo's global --require-signed (copy and sync honour it, as their own flag)
+    BOOL_FLAGS.add("--require-signed")
+    parser.add_argument(
+        "--require-signed",
+        dest="global_require_signed",
+        type=parse_bool,
+        default=None,
+        metavar="BOOL",
+        help="refuse images no signature was verified for, whatever the policy says (copy, sync)",
+    )
     parser.add_argument(
         "--registries-conf", metavar="PATH", help="registries.conf to use (mirrors, prefix rewrites, blocked, insecure)"
     )
@@ -124,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_bool(p, "--config", help="print the image's config instead of the summary")
     add_bool(p, "--no-tags", "-n", help="do not list the repository's tags")
     p.add_argument("--format", "-f", metavar="TEMPLATE", help="format the output with a Go template")
+    p.add_argument(
+        "--manifest-digest",
+        metavar="ALGORITHM",
+        choices=("sha256", "sha512"),
+        help="algorithm of the Digest shown (sha256, sha512; default sha256)",
+    )
     _platform_overrides(p, sub=True)
     add_side_flags(p)
     add_retry_flags(p)

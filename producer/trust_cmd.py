@@ -57,7 +57,7 @@ def admission(args: argparse.Namespace) -> Admission | None:
     """The trust policy copy and sync enforce; ``None`` when every image is accepted without a look."""
     from worker.engine.trust import Admission, TrustPolicy, default_policy_path
 
-    require = bool(getattr(args, "require_signed", False))
+    require = bool(getattr(args, "require_signed", False) or getattr(args, "global_require_signed", None))
     if getattr(args, "insecure_policy", False):
         if require:
             raise InvalidInput("--require-signed cannot be used with --insecure-policy (nothing would be verified)")

@@ -61,6 +61,11 @@ def inspect(args: argparse.Namespace) -> int:
                 return 0
             ref_name = name.reference.name if name.reference is not None else None
             out = inspect_image(src, name=ref_name, tags=None, wanted=wanted)
+            if getattr(args, "manifest_digest", None) == "sha512":
+                import hashlib
+
+                top, _mt = src.get_manifest(None)
+                out["Digest"] = f"sha512:{hashlib.sha512(top).hexdigest()}"
             if name.reference is not None and not args.no_tags:
                 # skopeo lists them at the name as given (not at a registries.conf mirror or rewrite)
                 out["RepoTags"] = open_repository(name, side, pool).list_tags()

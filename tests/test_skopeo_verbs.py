@@ -100,3 +100,28 @@ def test_sign_by_sq_fingerprint_is_refused_by_name(tmp_path: Path, verb: str) ->
     run = ferry("--insecure-policy", verb, "--sign-by-sq-fingerprint", "ABCD", *args)
     assert run.returncode == 1
     assert run.stderr.startswith("Error: --sign-by-sq-fingerprint: ") and len(run.stderr.splitlines()) == 1
+
+
+def test_inspect_manifest_digest_sha512(layered: str) -> None:
+    """Current skopeo's ``inspect --manifest-digest sha512``: the Digest of the same manifest, by sha512."""
+    import hashlib
+
+    raw = skopeo("inspect", "--raw", "--tls-verify=false", layered).stdout.encode()
+    run = ferry("inspect", "--manifest-digest", "sha512", "--tls-verify=false", "-f", "{{.Digest}}", layered)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == f"sha512:{hashlib.sha512(raw).hexdigest()}\n"
+    run = ferry("inspect", "--manifest-digest=sha256", "--tls-verify=false", "-f", "{{.Digest}}", layered)
+    assert run.stdout == f"sha256:{hashlib.sha256(raw).hexdigest()}\n"
+    run = ferry("inspect", "--manifest-digest", "md5", "--tls-verify=false", layered)
+    assert run.returncode == 2 and run.stderr.startswith("Error: ") and "--manifest-digest" in run.stderr
+
+
+def test_global_require_signed(layered: str, tmp_path: Path) -> None:
+    """Current skopeo's global ``--require-signed``: an unsigned image is refused even by an accept-anything policy."""
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"default": [{"type": "insecureAcceptAnything"}]}))
+    dest = f"dir:{tmp_path}/out"
+    run = ferry("--policy", str(policy), "--require-signed", "copy", "--src-tls-verify=false", layered, dest)
+    assert run.returncode == 1 and run.stderr.startswith("Error: ") and not (tmp_path / "out").exists(), run.stderr
+    run = ferry("--policy", str(policy), "copy", "--src-tls-verify=false", layered, dest)
+    assert run.returncode == 0, run.stderr
