@@ -393,3 +393,58 @@ def test_oci_layout_recompressed_like_skopeo(gz_image: str, tmp_path: Path) -> N
         index = json.loads((tmp_path / f"keep-{tool}" / "index.json").read_text())
         m = json.loads(blob(tmp_path / f"keep-{tool}" / "blobs" / "sha256", index["manifests"][0]["digest"]))
         assert {x["mediaType"] for x in m["layers"]} <= {GZIP_V2S2, "application/vnd.oci.image.layer.v1.tar+gzip"}, tool
+
+
+def test_v2s2_list_children_to_zstd_like_skopeo(
+    registry: RegistryServer, registry2: RegistryServer, tmp_path: Path
+) -> None:
+    """A Docker manifest list whose children get zstd layers: the children become OCI images, the list keeps
+    its type and lists them as OCI (both tools; containers/image edits the list's entries, it converts no list)."""
+    repo = f"test/v2list-{secrets.token_hex(3)}"
+    children = [
+        build_image(f"{repo}-{arch}", layers=[500], fmt="v2s2", platform=f"linux/{arch}") for arch in ("amd64", "arm64")
+    ]
+    push_index(registry.url, repo, "v1", build_index(children, fmt="v2s2"))
+    src = f"docker://{registry.host}/{repo}:v1"
+    dest = f"docker://{registry2.host}/{repo}-{{tool}}:v1"
+    f, s = both("copy", *INSECURE, "--all", "--dest-compress-format", "zstd", src, dest)
+    assert (f.returncode, s.returncode) == (0, 0), (f.stderr, s.stderr)
+    indexes = {
+        tool: json.loads(skopeo("inspect", "--raw", "--tls-verify=false", dest.replace("{tool}", tool)).stdout)
+        for tool in ("ferry", "skopeo")
+    }
+    for tool, index in indexes.items():
+        assert index["mediaType"] == "application/vnd.docker.distribution.manifest.list.v2+json", tool
+        assert [c["mediaType"] for c in index["manifests"]] == [OCI_MANIFEST] * 2, tool
+        assert [c["platform"] for c in index["manifests"]] == [c["platform"] for c in indexes["skopeo"]["manifests"]]
+        for n, child in enumerate(index["manifests"]):
+            out = tmp_path / f"{tool}-{n}"
+            m = pull_dir(dest.replace("{tool}", tool).rsplit(":", 1)[0] + "@" + child["digest"], out)
+            assert m["mediaType"] == OCI_MANIFEST, tool
+            assert [x["mediaType"] for x in m["layers"]] == [ZSTD_OCI], tool
+            assert content(out, m) == [str(layer.diff_id) for layer in children[n].layers], tool
+
+
+def test_destination_by_digest_keeps_layers_like_skopeo(
+    registry: RegistryServer, registry2: RegistryServer, gz_image: str, tmp_path: Path
+) -> None:
+    """Writing to ``repo@sha256:…`` changes no layer (containers/image: "Destination specifies a digest"):
+    a plain layer goes as it is; a compression flag that would change one is refused before writing."""
+    from tests.test_skopeo_rest import plain_layer_image
+
+    pull_dir(gz_image, tmp_path / "src")
+    plain_digest, _ = plain_layer_image(tmp_path / "src", tmp_path / "plain")
+    manifest_digest = sha((tmp_path / "plain" / "manifest.json").read_bytes())
+    repo = f"test/bydigest-{secrets.token_hex(3)}"
+    dest = f"docker://{registry2.host}/{repo}-{{tool}}@{manifest_digest}"
+    f, s = both("copy", "--dest-tls-verify=false", f"dir:{tmp_path}/plain", dest)
+    assert (f.returncode, s.returncode) == (0, 0), (f.stderr, s.stderr)
+    for tool in ("ferry", "skopeo"):
+        raw = skopeo("inspect", "--raw", "--tls-verify=false", dest.replace("{tool}", tool)).stdout
+        assert json.loads(raw)["layers"][0]["digest"] == plain_digest, tool
+    run = ferry(
+        "copy", "--dest-tls-verify=false", "--dest-compress-format", "zstd", f"dir:{tmp_path}/plain",
+        f"docker://{registry2.host}/{repo}-z@{manifest_digest}",
+    )  # fmt: skip
+    assert run.returncode == 1 and "the destination names a digest" in run.stderr, run.stderr
+    assert len(run.stderr.splitlines()) == 1

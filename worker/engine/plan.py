@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any, Literal
 
@@ -386,7 +386,8 @@ def resolve_image(
     if source_name.reference is not None and not options.compression.explicit:
         desired = "preserve"  # registry to registry stays byte for byte unless a compression flag asks otherwise
     if desired != "preserve" and options.multi_arch != "index-only":
-        options = _recompress_layers(src, dest, resolved, options, desired)
+        by_digest = destination_name.reference is not None and destination_name.reference.digest is not None
+        options = _recompress_layers(src, dest, resolved, options, desired, by_digest=by_digest)
     resolved.options = options
     if head_destination:
         try:
@@ -398,12 +399,19 @@ def resolve_image(
 
 
 def _recompress_layers(
-    src: ImageSource, dest: ImageDestination, resolved: ResolvedImage, options: CopyOptions, desired: Desired
+    src: ImageSource,
+    dest: ImageDestination,
+    resolved: ResolvedImage,
+    options: CopyOptions,
+    desired: Desired,
+    *,
+    by_digest: bool = False,
 ) -> CopyOptions:
     """(De/re)compress layers as containers/image does: learn each new layer's digest, rewrite the manifests.
 
-    Returns the image's options: with ``format="oci"`` when a Docker v2s2 manifest gets zstd layers (v2s2 has
-    no zstd type; containers/image converts to OCI too).
+    A Docker v2s2 image that gets zstd layers is converted to OCI here (v2s2 has no zstd type; containers/image
+    converts it too); an index listing it keeps its own type and lists it as OCI, as containers/image does.
+    Returns the image's options (unchanged).
     """
     from .compression import OCI_ZSTD, image_layers, measure, plan_layer, rewrite_layers, transform
 
@@ -413,7 +421,6 @@ def _recompress_layers(
         images = [(d, m) for d, m in resolved.children.items() if m.media_type not in INDEX_TYPES]
     else:
         images = [(None, resolved.top)]
-    needs_oci = False
     measured: dict[tuple[str, str], Descriptor] = {}
     for key, manifest in images:
         changes: list[LayerChange] = []
@@ -426,12 +433,12 @@ def _recompress_layers(
             changes.append(change)
         if not changes:
             continue
-        if options.preserve_digests:
+        if options.preserve_digests or by_digest:
             if not opts.explicit:
-                continue  # containers/image changes no layer when told to preserve digests
+                continue  # containers/image changes no layer when told to preserve digests or writing by digest
+            why = "--preserve-digests was given" if options.preserve_digests else "the destination names a digest"
             raise InvalidInput(
-                f"copying {resolved.source} with the compression asked for changes layer digests,"
-                " but --preserve-digests was given"
+                f"copying {resolved.source} with the compression asked for changes layer digests, but {why}"
             )
         replaced: dict[Digest, Descriptor] = {}
         for change in changes:
@@ -447,22 +454,19 @@ def _recompress_layers(
                 new = Descriptor(change.media_type, new.digest, new.size)
             replaced[change.source.digest] = new
             resolved.recompress[str(new.digest)] = change
-        raw = rewrite_layers(manifest.raw, replaced)
-        if manifest.media_type == MediaType.DOCKER_MANIFEST.value and any(
-            d.media_type == OCI_ZSTD for d in replaced.values()
-        ):
-            needs_oci = True
-        new_manifest = SourceManifest(raw, manifest.media_type)
+        raw, media_type = rewrite_layers(manifest.raw, replaced), manifest.media_type
+        if any(d.media_type == OCI_ZSTD for d in replaced.values()):
+            if options.format == "v2s2":
+                raise InvalidInput(
+                    "--dest-compress-format zstd: a Docker v2s2 manifest cannot name zstd layers (use --format oci)"
+                )
+            if media_type == MediaType.DOCKER_MANIFEST.value:
+                raw, media_type = convert_manifest(raw, media_type, "oci"), MediaType.OCI_MANIFEST.value
+        new_manifest = SourceManifest(raw, media_type)
         if key is None:
             resolved.top = new_manifest
         else:
             resolved.children[key] = new_manifest
-    if needs_oci and options.format != "oci":
-        if options.format == "v2s2":
-            raise InvalidInput(
-                "--dest-compress-format zstd: a Docker v2s2 manifest cannot name zstd layers (use --format oci)"
-            )
-        return replace(options, format="oci")
     return options
 
 
