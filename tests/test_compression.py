@@ -448,3 +448,20 @@ def test_destination_by_digest_keeps_layers_like_skopeo(
     )  # fmt: skip
     assert run.returncode == 1 and "the destination names a digest" in run.stderr, run.stderr
     assert len(run.stderr.splitlines()) == 1
+
+
+def test_sync_recompresses(registry: RegistryServer, registry2: RegistryServer, gz_image: str, tmp_path: Path) -> None:
+    """``sync`` takes the same flags (a Ferry extension: skopeo sync has no --dest-compress-format)."""
+    source = gz_image.removeprefix("docker://")
+    ns = f"sync-z-{secrets.token_hex(3)}"
+    argv = ["sync", *INSECURE, "--src", "docker", "--dest", "docker", "--dest-compress-format", "zstd", source]
+    run = ferry(*argv, f"{registry2.host}/{ns}")
+    assert run.returncode == 0, run.stderr
+    name = source.rsplit("/", 1)[-1]
+    m = pull_dir(f"docker://{registry2.host}/{ns}/{name}", tmp_path / "z")
+    assert [x["mediaType"] for x in m["layers"]] == [ZSTD_OCI] * 2
+    content(tmp_path / "z", m)
+    again = ferry(*argv, f"{registry2.host}/{ns}")
+    assert again.returncode == 0 and "1 up to date" in again.stderr, again.stderr
+    s = skopeo(*argv, f"{registry2.host}/{ns}-s", check=False)
+    assert s.returncode != 0 and "unknown flag: --dest-compress-format" in s.stderr
