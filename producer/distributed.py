@@ -124,8 +124,13 @@ def submit_plan(
     on_done: Callable[[dict[str, Any]], None] | None = None,
     signing: SigningConfig | None = None,
     registries: dict[str, Any] | None = None,
+    reporters: tuple[Any, ...] = (),
 ) -> int:
-    """Enqueue the plan as a job; with ``--wait`` follow it, then hand its summary to ``on_done``."""
+    """Enqueue the plan as a job; with ``--wait`` follow it, then hand its summary to ``on_done``.
+
+    ``reporters`` (sync's logrus lines) hear of each image as it ends, as on the embedded executor; so do
+    skopeo's lines when stdout is not a terminal.
+    """
     from worker.celery_executor import CeleryExecutor
 
     for img in plan.images:
@@ -161,7 +166,24 @@ def submit_plan(
     if not quiet:
         warn_if_no_workers(state)
     if args.wait:
-        code = follow(state, job_id, quiet=quiet, timeout=getattr(args, "wait_timeout", None))
+        from worker.engine.executor import ImageOutcome
+
+        from . import skopeo_lines
+
+        listeners = list(reporters)
+        if skopeo_lines.wanted(quiet):
+            listeners.append(skopeo_lines.SkopeoLines(plan))
+        for listener in listeners:
+            listener.start(plan)
+
+        def image_ended(img: dict[str, Any]) -> None:
+            outcome = ImageOutcome(
+                img["id"], img["source"], img["destination"], ImageStatus(img["status"]), img.get("digest", "")
+            )
+            for listener in listeners:
+                listener.image_finished(outcome)
+
+        code = follow(state, job_id, quiet=quiet, timeout=getattr(args, "wait_timeout", None), on_image=image_ended)
         summary = job_summary(state, job_id)
         _write_job_outputs(args, summary)
         if on_done is not None and summary["ended"]:
@@ -231,8 +253,11 @@ def follow(
     poll: float = 0.5,
     timeout: float | None = None,
     stall_after: float = STALL_AFTER,
+    on_image: Callable[[dict[str, Any]], None] | None = None,
 ) -> int:
-    """Follow a job until it ends (or ``timeout`` seconds pass); the exit code says how it ended."""
+    """Follow a job until it ends (or ``timeout`` seconds pass); the exit code says how it ended.
+
+    ``on_image`` hears of each image as it ends (before its line is printed)."""
     if not state.jobs.exists(job_id):
         raise InvalidInput(f"no job {job_id!r} in this queue")
     use_bars = not quiet and sys.stderr.isatty()
@@ -271,6 +296,8 @@ def follow(
                 for img in sorted(state.jobs.images(job_id).values(), key=lambda i: (len(i.id), i.id)):
                     if img.status.ended and img.id not in seen:
                         seen.add(img.id)
+                        if on_image is not None:
+                            on_image(img.to_json())
                         if not quiet:
                             _print_image(img.to_json())
             if state_now.ended:

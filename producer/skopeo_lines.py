@@ -220,6 +220,13 @@ class SyncLog:
             for image in plan.images:
                 self._plan_image(image)
 
+    def expect(self, sources: list[str]) -> None:
+        """Images that are not in the plan but will be reported (already up to date)."""
+        with self._lock:
+            for source in sources:
+                repo = _repository(source)
+                self._known[repo] = self._known.get(repo, 0) + 1
+
     def on_bytes(self, digest: str, n: int) -> None:
         pass
 

@@ -146,6 +146,8 @@ def sync(args: argparse.Namespace) -> int:
                 if getattr(args, flag) and not args.wait:
                     print(f"Note: --{flag} needs --wait with --queue (it runs once the job has ended)", file=sys.stderr)
             verified: list[VerifyReport] = []
+            log = skopeo_lines.SyncLog(skopeo_lines.wanted(quiet))
+            log.expect([str(item.source) for item, _digest in checked.unchanged])
             if any(side.credentials for side in disc.sides.values()):
                 print(
                     "Note: credentials in the sync file are used for planning only; workers use their own.",
@@ -176,12 +178,25 @@ def sync(args: argparse.Namespace) -> int:
                 on_done=job_done,
                 signing=signing,
                 registries=queued_registries(args, ctx.opened_sources()),
+                reporters=(log,),
             )
+            if args.wait:
+                # images already there are not in the job: reported here, as the embedded sync reports them
+                for item, digest in checked.unchanged:
+                    log.image_finished(
+                        ImageOutcome("", str(item.source), str(item.destination), ImageStatus.UP_TO_DATE, digest)
+                    )
+                    if skopeo_lines.wanted(quiet):
+                        print("Skipping: image already present at destination")
+                    if not quiet:
+                        print(f"Skipped {item.source} -> {item.destination}: already up to date ({digest})")
+                log.finish()
             # images that failed before the job (reading the source, --keep-going) are not in it: say so here
             for src, dst, err in failures:
                 print(f"Error: {src} -> {dst}: {err}", file=sys.stderr)
             return code or (1 if failures or (verified and not verified[0].ok) else 0)
         log = skopeo_lines.SyncLog(skopeo_lines.wanted(quiet))
+        log.expect([str(item.source) for item, _digest in checked.unchanged])
         report = run_embedded(args, ctx, plan, quiet, fail_fast=not args.keep_going, signer=signer, also=(log,))
         return _finish(args, ctx, req, memo, disc, report, checked, resolved, failures, log=log)
     finally:

@@ -9,13 +9,16 @@ from __future__ import annotations
 import re
 import secrets
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from tests.harness.images import build_image, build_multiarch, push_image, push_index
 from tests.harness.peer import peer_env
-from tests.harness.servers import RegistryServer
+from tests.harness.servers import RedisServer, RegistryServer
+from tests.harness.workers import start_worker
 from tests.test_skopeo_flags import FERRY_BIN, both, ferry
 
 #: every line containers/image prints while copying (ferry adds its own lines besides these)
@@ -174,3 +177,46 @@ def test_sync_streams_each_images_logrus_line_before_its_block(registry: Registr
         return [re.sub(r" from=.*", "", m) for m in msgs], sorted(re.sub(r".* from=", "", m) for m in msgs)
 
     assert shape(f.stderr) == shape(s.stderr)
+
+
+@pytest.fixture(scope="module")
+def lines_queue(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    url = redis_server.url_for(12)
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    r.close()
+    home = tmp_path_factory.mktemp("lines-worker")
+    worker = start_worker(url, "lines@%h", home, concurrency=2)
+    try:
+        yield url
+    finally:
+        worker.stop(grace=5)
+
+
+def test_queued_copy_and_sync_print_the_embedded_lines(
+    registry: RegistryServer, images: dict[str, str], lines_queue: str
+) -> None:
+    """``--queue --wait``: the same skopeo lines as the embedded run (after the job id), as each image ends."""
+    insecure = ["--src-tls-verify=false", "--dest-tls-verify=false"]
+    src = f"docker://{images['index']}"
+    runs = {
+        mode: ferry("copy", "--all", *insecure, *extra, src, f"docker://{registry.host}/{images['base']}/q-{mode}:v1")
+        for mode, extra in (("embedded", []), ("queued", ["--queue", lines_queue, "--wait"]))
+    }
+    for mode, run in runs.items():
+        assert run.returncode == 0, (mode, run.stderr)
+    assert skopeo_lines(runs["embedded"].stdout)
+    assert comparable(skopeo_lines(runs["queued"].stdout)) == comparable(skopeo_lines(runs["embedded"].stdout))
+
+    flags = ["--src", "docker", "--dest", "docker", *insecure]
+    repo = images["single"].rsplit(":", 1)[0]
+    for again in (False, True):  # the second time: up to date
+        runs = {
+            mode: ferry("sync", *flags, *extra, repo, f"{registry.host}/{images['base']}/qs-{mode}")
+            for mode, extra in (("embedded", []), ("queued", ["--queue", lines_queue, "--wait"]))
+        }
+        for mode, run in runs.items():
+            assert run.returncode == 0, (mode, again, run.stderr)
+        want = [m.replace("qs-embedded", "qs-queued") for m in logrus_msgs(runs["embedded"].stderr)]
+        assert want and logrus_msgs(runs["queued"].stderr) == want, again
+        assert skopeo_lines(runs["queued"].stdout) == skopeo_lines(runs["embedded"].stdout), again
