@@ -465,3 +465,18 @@ def test_sync_recompresses(registry: RegistryServer, registry2: RegistryServer, 
     assert again.returncode == 0 and "1 up to date" in again.stderr, again.stderr
     s = skopeo(*argv, f"{registry2.host}/{ns}-s", check=False)
     assert s.returncode != 0 and "unknown flag: --dest-compress-format" in s.stderr
+
+
+def test_source_bytes_still_verified(registry2: RegistryServer, gz_image: str, tmp_path: Path) -> None:
+    """A recompressed layer whose source bytes do not match their digest fails the copy; no tag is written."""
+    m = pull_dir(gz_image, tmp_path / "src")
+    path = tmp_path / "src" / m["layers"][0]["digest"].split(":", 1)[1]
+    data = bytearray(path.read_bytes())
+    data[-12] ^= 0xFF  # inside the deflate data's tail: still a plausible stream, wrong digest
+    path.write_bytes(bytes(data))
+    dest = f"docker://{registry2.host}/test/verify-z-{secrets.token_hex(3)}:v1"
+    run = ferry("copy", "--dest-tls-verify=false", "--dest-compress-format", "zstd", f"dir:{tmp_path}/src", dest)
+    assert run.returncode == 1, run.stderr
+    assert "digest mismatch for blob " + m["layers"][0]["digest"] in run.stderr, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert "v1" not in ferry("list-tags", "--tls-verify=false", dest.rsplit(":", 1)[0]).stdout
