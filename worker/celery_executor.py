@@ -67,7 +67,7 @@ class CeleryExecutor:
         another repository or tag of the registry: a mount or nothing, once that step is done) is not sent but
         left waiting in Redis; the task of the step it waits for sends it when that step ends, whatever the end.
         """
-        from worker.celery_app import app
+        from worker.celery_app import BLOB_QUEUE, META_QUEUE, app
         from worker.task_labels import image_label
         from worker.tasks import copy_blob, finalize_image, waiting_entry
 
@@ -83,6 +83,14 @@ class CeleryExecutor:
         waited_on = {d for sid in blob_ids for d in cast(BlobStep, plan.steps[sid]).deps}
         sent: set[str] = set()
         start, size = 0, 1
+        seen_queues: set[str] = set()
+
+        def declared(queue: str) -> dict[str, Any]:
+            if queue in seen_queues:
+                return {"declare": []}
+            seen_queues.add(queue)
+            return {}
+
         with app.producer_or_acquire() as producer:
             while start < len(todo):
                 if stop is not None and stop.is_set():
@@ -124,14 +132,17 @@ class CeleryExecutor:
                     tasks.append(waits[n][1:])
                 with producer.batch(max_size=2 * MAX_BATCH):
                     for args, kwargs in tasks:
-                        copy_blob.apply_async(args, kwargs or None, producer=producer)
+                        # the queue is declared (bound to its exchange) by the first message only
+                        copy_blob.apply_async(args, kwargs or None, producer=producer, **declared(BLOB_QUEUE))
                 due = jobs.mark_enqueued_batch(job_id, flags)
                 if due:
                     with producer.batch(max_size=2 * MAX_BATCH):
                         for image_id in due:
                             img_plan = next(i for i in batch if i.id == image_id)
                             label = image_label(job_id, img_plan.destination, image_id)
-                            finalize_image.apply_async((job_id, image_id), producer=producer, argsrepr=label)
+                            finalize_image.apply_async(
+                                (job_id, image_id), producer=producer, argsrepr=label, **declared(META_QUEUE)
+                            )
                 for img in batch:
                     result.enqueued.append(img.id)
                     if on_image is not None:

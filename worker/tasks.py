@@ -41,6 +41,7 @@ from worker.engine.transports import ClientPool, ImageName, SideConfig
 from worker.engine.trust import Signer, SigningConfig, sign_written
 from worker.registry import USER_AGENT, Cancelled, FerryError, RetryPolicy, is_temporary
 from worker.state import BlobState, RedisGate, SharedState, connect
+from worker.state.locations import DestinationLocations
 from worker.state.locks import InFlightLock, release, renew
 
 log = logging.getLogger("ferry.worker")
@@ -145,14 +146,18 @@ def _start_images(job_id: str, image_ids: list[str]) -> None:
         _state().jobs.start_image(job_id, image_id)
 
 
-def _context(job_id: str) -> EngineContext:
+def _context(job_id: str, step: BlobStep | None = None) -> EngineContext:
+    """The engine's context for one task; a blob task's records locations only in the store it writes to."""
     options = _job_options(job_id)
     src, dest = _sides(options)
+    locations: Any = _state().locations
+    if step is not None:
+        locations = DestinationLocations(_state().locations, frozenset({blob_store(step)}))
     return EngineContext(
         source_side=src,
         dest_side=dest,
         source_sides=dict(_source_sides(options)),
-        locations=_state().locations,
+        locations=locations,
         pool=_pool(),
     )
 
@@ -332,10 +337,60 @@ def copy_blob(
         raise
 
 
-def _release_waiting(job_id: str, step_id: str, entries: list[str], done: bool) -> None:
-    if entries:
-        send_waiting(entries, step_id if done else "")
-        _state().jobs.forget_waiting(job_id, step_id)
+def _release_waiting(job_id: str, step_id: str, entries: list[str], done: bool, worker: str = "") -> None:
+    """Send on the steps that waited for ``step_id``; when it ended done, those that need at most a mount run
+    here, one after the other (each would otherwise cost a task of its own), the rest go to the queue."""
+    if not entries:
+        return
+    if done and worker and not _state().jobs.cancelled(job_id):
+        ctx: EngineContext | None = None
+        left = []
+        try:
+            for raw in entries:
+                if ctx is None:
+                    ctx = _context(job_id)
+                if not _run_waiting_here(ctx, job_id, raw, step_id, worker):
+                    left.append(raw)
+        finally:
+            if ctx is not None:
+                ctx.close_transports()
+        entries = left
+    send_waiting(entries, step_id if done else "")
+    _state().jobs.forget_waiting(job_id, step_id)
+
+
+def _run_waiting_here(ctx: EngineContext, job_id: str, raw: str, after: str, worker: str) -> bool:
+    """Run a step that waited for ``after`` (done) if a mount or nothing makes its blob exist; False: it must
+    be sent as a task (it needs an upload, it is waited on itself, or something went wrong)."""
+    entry = json.loads(raw)
+    kwargs = dict(entry.get("k") or {})
+    if kwargs.get("waited_on"):
+        return False
+    try:
+        _job, image_id, step_id, source, destination, digest, size, media_type, mount_from, images = entry["a"]
+        step = BlobStep.from_message(
+            step_id, source, destination, digest, size, media_type, mount_from, kwargs.get("recompress")
+        )
+        step = dataclasses.replace(step, deps=(after,))
+        image_ids = list(images or [image_id])
+        _start_images(job_id, image_ids)
+        result = existing_blob(ctx, step, deps_done=True)
+    except Exception:
+        log.debug("step %s/%s goes to the queue", job_id, entry.get("a"), exc_info=True)
+        return False
+    if result is None:
+        return False
+    try:
+        jobs = _state().jobs
+        done = BlobState(BlobStatus.DONE, result.action, result.bytes, worker)
+        ready, _ = jobs.blob_done(job_id, step.id, done, image_ids)
+        telemetry.count_blob(jobs.r, result.action.value, _host(step.destination))
+    except Exception:
+        # Redis away: the step's own task (sent instead) finds it done, or does it, and sends the finalizers
+        log.debug("step %s/%s goes to the queue", job_id, step.id, exc_info=True)
+        return False
+    finalize_here(job_id, ready)
+    return True
 
 
 def _copy_blob(
@@ -355,7 +410,7 @@ def _copy_blob(
             _release_waiting(job_id, step.id, jobs.blob_done(job_id, step.id, current, [], True)[1], True)
         return {"digest": str(step.digest), "action": current.action or "done", "bytes": 0}
     _start_images(job_id, image_ids)
-    ctx = _context(job_id)
+    ctx = _context(job_id, step)
     try:
         # no lock to skip or mount: only an upload must be the only one of its digest to its registry
         result = existing_blob(ctx, step, deps_done=deps_done)
@@ -382,9 +437,9 @@ def _copy_blob(
         ctx.close_transports()
     done = BlobState(BlobStatus.DONE, result.action, result.bytes, worker)
     ready, waiting = jobs.blob_done(job_id, step.id, done, image_ids, waited_on)
-    send_finalizers(job_id, ready)
-    _release_waiting(job_id, step.id, waiting, True)
     telemetry.count_blob(jobs.r, result.action.value, _host(step.destination))
+    finalize_here(job_id, ready)
+    _release_waiting(job_id, step.id, waiting, True, worker)
     return {"digest": str(step.digest), "action": result.action.value, "bytes": result.bytes}
 
 
@@ -449,9 +504,9 @@ def finalize_image(
     signed with the key read from this worker's own file.
     """
     try:
-        return _finalize(self, job_id, image_id, sign_digests, since, errors)
-    except Retry:
-        raise
+        return _finalize(job_id, image_id, sign_digests, since, errors)
+    except _Later as later:
+        raise self.retry(countdown=later.countdown, kwargs=later.kwargs, max_retries=None) from later.__cause__
     except Exception as exc:
         try:
             _state().jobs.end_image(job_id, image_id, ImageStatus.FAILED, _one_line(exc))
@@ -460,9 +515,38 @@ def finalize_image(
         raise
 
 
-def _finalize(
-    self: Task, job_id: str, image_id: str, sign_digests: list[str] | None, since: float, errors: int
-) -> dict[str, Any]:
+class _Later(Exception):
+    """The finalizer must run again in ``countdown`` seconds with these keyword arguments."""
+
+    def __init__(self, countdown: float, kwargs: dict[str, Any]) -> None:
+        super().__init__(countdown)
+        self.countdown = countdown
+        self.kwargs = kwargs
+
+
+def finalize_here(job_id: str, image_ids: list[str]) -> None:
+    """Finalize images whose last blob this task has just recorded ``done``, here rather than as tasks of their
+    own (a task costs Redis about ten commands): a finalizer that must run again later, and any image when
+    task events are on (Flower lists every finalizer then), goes to the queue as ``ferry.finalize_image``."""
+    if not image_ids:
+        return
+    if app.conf.worker_send_task_events:
+        send_finalizers(job_id, image_ids)
+        return
+    for image_id in image_ids:
+        try:
+            _finalize(job_id, image_id, None, 0.0, 0)
+        except _Later as later:
+            finalize_image.apply_async((job_id, image_id), later.kwargs, countdown=later.countdown)
+        except Exception as exc:
+            log.warning("finalizer of %s/%s: %s", job_id, image_id, _one_line(exc))
+            try:
+                _state().jobs.end_image(job_id, image_id, ImageStatus.FAILED, _one_line(exc))
+            except Exception:
+                log.exception("could not record the failure of image %s/%s", job_id, image_id)
+
+
+def _finalize(job_id: str, image_id: str, sign_digests: list[str] | None, since: float, errors: int) -> dict[str, Any]:
     jobs = _state().jobs
     record = jobs.image(job_id, image_id)
     to_sign = list(sign_digests or record.sign)
@@ -485,7 +569,7 @@ def _finalize(
             return {"image": image_id, "status": "failed"}
         log.warning("finalizer of %s/%s early: %d blob(s) not done; waiting", job_id, image_id, len(unfinished))
         countdown = min(2.0 + waited / 4, 30.0)
-        raise self.retry(countdown=countdown, kwargs={"since": started, "errors": errors}, max_retries=None)
+        raise _Later(countdown, {"since": started, "errors": errors})
     ctx = _context(job_id)
     steps = jobs.manifest_steps(job_id, image_id)
     try:
@@ -499,8 +583,7 @@ def _finalize(
         if is_temporary(exc) and errors < FINALIZE_RETRIES:
             log.warning("finalizer of %s/%s: %s; retrying", job_id, image_id, " ".join(str(exc).split()))
             countdown = FINALIZE_BACKOFF * 2.0 ** (errors + 1)
-            kwargs = {"since": since, "errors": errors + 1}
-            raise self.retry(countdown=countdown, kwargs=kwargs, max_retries=None) from exc
+            raise _Later(countdown, {"since": since, "errors": errors + 1}) from exc
         raise
     finally:
         ctx.close_transports()
@@ -509,4 +592,6 @@ def _finalize(
     return {"image": image_id, "status": "done", "digest": record.digest}
 
 
-__all__ = ["ImageName", "copy_blob", "finalize_image", "send_finalizers", "send_waiting", "waiting_entry"]
+__all__ = [
+    "ImageName", "copy_blob", "finalize_here", "finalize_image", "send_finalizers", "send_waiting", "waiting_entry",
+]  # fmt: skip

@@ -10,6 +10,7 @@ concurrent workers never lose an update.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -63,8 +64,8 @@ end
 return {1, raw, old or '', job_ended}
 """
 
-# KEYS: blob states, images' countdown, job hash, dependents; ARGV: step id, JSON state, now, "1" when steps wait
-# for this one, image ids...
+# KEYS: blob states, images' countdown, job hash, dependents; ARGV: step id, JSON state, now (empty: leave the
+# job's ``touched`` as it is), "1" when steps wait for this one, image ids...
 # Marks the blob done once (a redelivered task finds it done and changes nothing) and counts it off each of its
 # images. Returns the steps waiting for this one (``job:{id}:after``, newline-separated, or ''), then the images
 # left with no blob to wait for (their finalizers can run).
@@ -74,7 +75,7 @@ if ARGV[4] == '1' then after = redis.call('hget', KEYS[4], ARGV[1]) or '' end
 local cur = redis.call('hget', KEYS[1], ARGV[1])
 if cur and string.find(cur, '"status":"done"', 1, true) then return {after} end
 redis.call('hset', KEYS[1], ARGV[1], ARGV[2])
-redis.call('hset', KEYS[3], 'touched', ARGV[3])
+if ARGV[3] ~= '' then redis.call('hset', KEYS[3], 'touched', ARGV[3]) end
 local ready = {after}
 for i = 5, #ARGV do
   if redis.call('hincrby', KEYS[2], ARGV[i], -1) <= 0 then table.insert(ready, ARGV[i]) end
@@ -142,6 +143,8 @@ return left
 _SUFFIXES = (
     "", ":plan", ":images", ":blobs", ":blob_state", ":counts", ":left", ":manifests", ":image_blobs", ":after",
 )  # fmt: skip
+#: a blob's ``done`` sets the job's ``touched`` at most this often per job and process (seconds)
+TOUCH_INTERVAL = 5.0
 #: the field of ``job:{id}:blob_state`` set when the job is cancelled (a blob task reads it with its own state)
 CANCEL_FIELD = "_cancelled"
 
@@ -298,6 +301,8 @@ class JobStore:
         self._state_if = r.register_script(_JOB_STATE_IF)
         self._count_left = r.register_script(_COUNT_LEFT)
         self._defer = r.register_script(_DEFER)
+        self._touched: dict[str, float] = {}
+        self._touch_lock = threading.Lock()
         self._enqueued = r.register_script(_ENQUEUED)
 
     # -- creating and reading -------------------------------------------------------------------------------------
@@ -474,9 +479,25 @@ class JobStore:
         entries of the steps that waited for this one (also when it was done already: a redelivered task sends
         them again, as the first delivery may have died before it did)."""
         keys = [k.job(job_id, ":blob_state"), k.job(job_id, ":left"), k.job(job_id), k.job(job_id, ":after")]
-        args = [step_id, state.dump(), time.time(), "1" if waited_on else "0", *image_ids]
+        touch = self._touch_due(job_id, ready_soon=bool(image_ids))
+        args = [step_id, state.dump(), time.time() if touch else "", "1" if waited_on else "0", *image_ids]
         after, *ready = cast(list[Any], self._blob_done(keys=keys, args=args))
         return [str(i) for i in ready], _entries(after)
+
+    def _touch_due(self, job_id: str, ready_soon: bool) -> bool:
+        """Whether a blob's ``done`` also sets the job's ``touched`` (stall detection): at most once per
+        ``TOUCH_INTERVAL`` per job and process; an image's end always sets it."""
+        if not ready_soon:
+            return False
+        now = time.monotonic()
+        with self._touch_lock:
+            last = self._touched.get(job_id)
+            if last is not None and now - last < TOUCH_INTERVAL:
+                return False
+            if len(self._touched) > 10_000:
+                self._touched.clear()
+            self._touched[job_id] = now
+        return True
 
     def defer(self, job_id: str, waits: list[tuple[str, str]]) -> list[int]:
         """Let each ``(step it waits for, entry)`` wait until that step ends; returns the indexes (0-based) of the

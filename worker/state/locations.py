@@ -27,4 +27,23 @@ class RedisBlobLocations:
         pipe.execute()
 
 
-__all__ = ["RedisBlobLocations"]
+class DestinationLocations:
+    """The location map a blob task uses: reads every store, records only in the stores it writes to.
+
+    After a transfer the engine also records the *source* repository; in Redis that costs two commands per
+    blob and serves little: a later copy within that registry mounts from its source repository anyway.
+    """
+
+    def __init__(self, inner: RedisBlobLocations, stores: frozenset[str]) -> None:
+        self.inner = inner
+        self.stores = stores
+
+    def where(self, store: str, digest: str) -> list[str]:
+        return self.inner.where(store, digest)
+
+    def add(self, store: str, digest: str, repository: str) -> None:
+        if store in self.stores:
+            self.inner.add(store, digest, repository)
+
+
+__all__ = ["DestinationLocations", "RedisBlobLocations"]
