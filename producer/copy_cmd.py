@@ -84,7 +84,7 @@ def add_copy_flags(p: argparse.ArgumentParser) -> None:
         help="gzip or zstd: compress plain layers with it, recompress layers in another format (registry, oci:, dir:)",
     )
     p.add_argument(
-        "--dest-compress-level", metavar="LEVEL", help="compression level (gzip 0-9, default 6; zstd 1-22, default 3)"
+        "--dest-compress-level", metavar="LEVEL", help="compression level (gzip 0-9, default 6; zstd 1-19, default 3)"
     )
     add_bool(
         p,

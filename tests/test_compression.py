@@ -148,6 +148,7 @@ def test_plan_layer_follows_containers_image() -> None:
         (["--dest-compress-format", "lz4"], "--dest-compress-format 'lz4'", True),
         (["--dest-compress-level", "99"], "--dest-compress-level '99'", False),
         (["--dest-compress-format", "zstd", "--dest-compress-level", "x"], "--dest-compress-level 'x'", True),
+        (["--dest-compress-format", "zstd", "--dest-compress-level", "20"], "zstd takes a level from 1 to 19", False),
         (["--dest-compress-format", "zstd:chunked"], "'zstd:chunked': not supported", False),
         (["--dest-force-compress-format"], "--dest-force-compress-format needs", None),
         (["--dest-compress", "--dest-decompress"], "cannot be used together", None),
