@@ -11,9 +11,10 @@ from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from worker.engine import pipeline
 from worker.engine.compression import CompressionOptions
 from worker.engine.copy import CopyJob, build_plan
-from worker.engine.executor import EmbeddedExecutor, PlanFeed, Report
+from worker.engine.executor import EmbeddedExecutor, Executor, Report
 from worker.engine.inspect import host_platform
 from worker.engine.plan import CopyOptions, MultiArch, Plan
 from worker.engine.steps import DEFAULT_PER_HOST, DEFAULT_STREAMS, EngineContext, HostSlots
@@ -267,10 +268,14 @@ def run_embedded(
     *,
     fail_fast: bool = False,
     signer: Signer | None = None,
-    feed: PlanFeed | None = None,
+    run: Callable[[Executor], Report] | None = None,
     also: tuple[Any, ...] = (),
 ) -> Report:
-    """Run ``plan`` here; ``also``: more progress reporters (sync's logrus lines)."""
+    """The embedded executor with this terminal's progress display, Ctrl-C/SIGTERM and ``--command-timeout``.
+
+    It runs ``plan`` (``pipeline.run_plan``), or ``run`` hands it to a pipeline that feeds it as it plans (a
+    streaming sync); ``also``: more progress reporters (sync's logrus lines). Archives are written once every
+    image succeeded."""
     progress: Any = make_progress(quiet)
     if skopeo_lines.wanted(quiet):
         progress = skopeo_lines.Tee(skopeo_lines.SkopeoLines(plan), progress)
@@ -288,10 +293,7 @@ def run_embedded(
     try:
         # --command-timeout cancels the run like a Ctrl-C: nothing incomplete is written
         with deadline.cancels(ctx.cancel.set):
-            report = executor.run(plan, feed)
-            if signer is not None and not report.cancelled:
-                # once per image, after its manifests are written (and for images already there, if unsigned)
-                trust_cmd.sign_report(ctx, plan, report, signer)
+            report = run(executor) if run is not None else pipeline.run_plan(ctx, executor, plan, signer=signer)
     finally:
         progress.stop()
         signal.signal(signal.SIGINT, old)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from worker.engine.executor import Report
 from worker.engine.plan import Plan
 from worker.engine.status import ImageStatus, JobState
 from worker.redis_url import masked, unreachable
@@ -121,24 +122,20 @@ def submit_plan(
     *,
     kind: str,
     source_sides: dict[str, Any] | None = None,
-    on_done: Callable[[dict[str, Any]], None] | None = None,
+    on_done: Callable[[Report], None] | None = None,
     signing: SigningConfig | None = None,
     registries: dict[str, Any] | None = None,
     reporters: tuple[Any, ...] = (),
 ) -> int:
-    """Enqueue the plan as a job; with ``--wait`` follow it, then hand its summary to ``on_done``.
+    """Enqueue the plan as a job (``CeleryExecutor``); with ``--wait`` follow it, then hand its outcome (the
+    ``Report`` an embedded run gives) to ``on_done``, the pipeline's after-run stages.
 
     ``reporters`` (sync's logrus lines) hear of each image as it ends, as on the embedded executor; so do
     skopeo's lines when stdout is not a terminal.
     """
-    from worker.celery_executor import CeleryExecutor
+    from worker.celery_executor import CeleryExecutor, check_plan, job_report
 
-    for img in plan.images:
-        for name in (img.source, img.destination):
-            if not name.startswith("docker://"):
-                raise InvalidInput(
-                    f"{name}: with --queue both sides must be docker:// registries (workers run on other machines)"
-                )
+    check_plan(plan)
     side_creds = [getattr(args, f"{p}creds", None) or getattr(args, f"{p}username", None) for p in ("src_", "dest_")]
     quiet = getattr(args, "quiet", False)
     if any(side_creds) and not quiet:
@@ -155,12 +152,15 @@ def submit_plan(
     if signing is not None:
         # paths only: each worker reads the key and the passphrase from its own files
         options["sign"] = signing.to_json()
-    with stop_on_signals() as stop:
-        job_id = state.jobs.create(plan, kind, options)
+
+    def created(job_id: str) -> None:
         # the id first, so that a producer cut while enqueueing has said which job to retry
         if not quiet or not args.wait:
             print(job_id, flush=True)
-        result = executor.enqueue(job_id, plan, plan.images, stop)
+
+    with stop_on_signals() as stop:
+        result = executor.submit(plan, kind, options, stop, on_created=created)
+    job_id = result.job_id
     if result.interrupted:
         return _report_interrupted(job_id, len(result.enqueued), len(result.left_out))
     if not quiet:
@@ -187,7 +187,7 @@ def submit_plan(
         summary = job_summary(state, job_id)
         _write_job_outputs(args, summary)
         if on_done is not None and summary["ended"]:
-            on_done(summary)
+            on_done(job_report(summary))
         if code not in (0, EXIT_INTERRUPTED) or summary["state"] == JobState.CANCELLED:
             print_job_errors(summary)
         return code

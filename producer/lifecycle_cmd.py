@@ -189,7 +189,13 @@ def run_verify(
 ) -> VerifyReport:
     """Verify and print what is wrong, one line each, then the summary line (stderr)."""
     report = verify(ctx, req, memo, disc=disc, parallel=getattr(args, "parallel", 16))
-    if not args.quiet:
+    print_verify(report, args.quiet)
+    return report
+
+
+def print_verify(report: VerifyReport, quiet: bool) -> None:
+    """What verification found wrong, one line each (stdout; errors on stderr), then the summary line (stderr)."""
+    if not quiet:
         for e in report.missing_tags:
             print(f"Missing {e['destination']} (source {e['source']})")
         for e in report.differing_digests:
@@ -201,4 +207,3 @@ def run_verify(
     for e in report.errors:  # errors print, -q or not
         print(f"Error: {e['destination']}: {e['error']}", file=sys.stderr)
     print(report.summary(), file=sys.stderr)
-    return report

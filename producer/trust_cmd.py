@@ -9,15 +9,11 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from worker.engine.status import ImageStatus
-from worker.registry import FerryError, InvalidInput
+from worker.registry import InvalidInput
 
 from .options import add_bool
 
 if TYPE_CHECKING:
-    from worker.engine.executor import Report
-    from worker.engine.plan import Plan
-    from worker.engine.steps import EngineContext
     from worker.engine.trust import Admission, Signer, SigningConfig
 
 
@@ -110,22 +106,6 @@ def load_signer(config: SigningConfig | None) -> Signer | None:
     from worker.engine.trust import Signer
 
     return Signer(config, interactive=True) if config is not None else None
-
-
-def sign_report(ctx: EngineContext, plan: Plan, report: Report, signer: Signer) -> None:
-    """Sign every image the run wrote or found up to date; a signing failure fails its image."""
-    from worker.engine.trust import sign_written
-
-    outcomes = {o.id: o for o in report.images}
-    for img in plan.images:
-        outcome = outcomes.get(img.id)
-        if img.attachment or outcome is None or not outcome.status.ok:
-            continue
-        try:
-            sign_written(signer, ctx.destination(img.destination), img.manifests)
-        except FerryError as exc:
-            outcome.status = ImageStatus.FAILED
-            outcome.error = f"signing failed: {' '.join(str(exc).split())}"
 
 
 # -- verbs -----------------------------------------------------------------------------------------------------------

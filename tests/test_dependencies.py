@@ -58,3 +58,12 @@ def test_read_verbs_import_no_celery_or_redis() -> None:
     """``ferry inspect`` and friends start without loading the distributed machinery."""
     result = probe("producer.cli", "producer.verbs")
     assert result["loaded"] == []
+
+
+def test_engine_pipeline_imports_neither_the_cli_nor_celery() -> None:
+    """The pipeline (discover ... verify) is the engine's: the CLI hands it an executor, never the other way."""
+    result = probe("worker.engine.pipeline", "worker.engine", walk=True)
+    assert "worker.engine.pipeline" in result["modules"]
+    assert result["loaded"] == [], f"the engine pulls in {result['loaded']}"
+    cli = [m for m in result["modules"] if m.split(".")[0] == "producer" or m == "worker.celery_executor"]
+    assert cli == [], f"the engine pulls in {cli}"

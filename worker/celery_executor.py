@@ -19,8 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from worker.engine.executor import ImageOutcome, Report
 from worker.engine.plan import BlobStep, ImagePlan, Plan
 from worker.engine.status import BlobAction, BlobStatus, ImageStatus, JobState
+from worker.registry import InvalidInput
 from worker.state import ImageRecord, SharedState
 
 #: images per enqueueing batch, at most (batches start at one image and double)
@@ -41,14 +43,38 @@ class EnqueueResult:
         return bool(self.left_out)
 
 
+def check_plan(plan: Plan) -> None:
+    """Refuse (``InvalidInput``) a plan workers cannot run: they run on other machines, so both sides must be
+    registries."""
+    for img in plan.images:
+        for name in (img.source, img.destination):
+            if not name.startswith("docker://"):
+                raise InvalidInput(
+                    f"{name}: with --queue both sides must be docker:// registries (workers run on other machines)"
+                )
+
+
 class CeleryExecutor:
+    """The executor on workers: ``submit`` makes a plan a job and sends its tasks. Once the job has ended,
+    ``job_report`` reads its outcome as the embedded executor's ``Report``, so the pipeline's after-run stages
+    (``pipeline.finish_sync``) take either."""
+
     def __init__(self, state: SharedState) -> None:
         self.state = state
 
     def submit(
-        self, plan: Plan, kind: str, options: dict[str, Any], stop: threading.Event | None = None
+        self,
+        plan: Plan,
+        kind: str,
+        options: dict[str, Any],
+        stop: threading.Event | None = None,
+        on_created: Callable[[str], None] | None = None,
     ) -> EnqueueResult:
+        """Create the job (``on_created`` gets its id before any task is sent), then enqueue it image by image."""
+        check_plan(plan)
         job_id = self.state.jobs.create(plan, kind, options)
+        if on_created is not None:
+            on_created(job_id)
         return self.enqueue(job_id, plan, plan.images, stop)
 
     def enqueue(
@@ -170,6 +196,24 @@ class CeleryExecutor:
         return self.enqueue(job_id, plan, again, stop)
 
 
+def job_report(summary: dict[str, Any]) -> Report:
+    """A job summary (``job_summary``) as a ``Report``; a cancelled job is a cancelled run."""
+    images = [
+        ImageOutcome(
+            i["id"], i["source"], i["destination"], ImageStatus(i["status"]), i.get("digest", ""), i.get("error", "")
+        )
+        for i in summary["images"]
+    ]
+    return Report(
+        images=images,
+        blobs_transferred=summary["blobs_transferred"],
+        blobs_mounted=summary["blobs_mounted"],
+        blobs_skipped=summary["blobs_skipped"],
+        bytes_transferred=summary["bytes_transferred"],
+        cancelled=summary["state"] == JobState.CANCELLED,
+    )
+
+
 def job_summary(state: SharedState, job_id: str) -> dict[str, Any]:
     """The job as ``ferry job status --json`` shows it (and ``--summary-json`` writes it), with its live
     progress: bytes in flight, rate, ETA, and the transfers running now with their workers (``worker.telemetry``).
@@ -219,4 +263,4 @@ def job_summary(state: SharedState, job_id: str) -> dict[str, Any]:
     }
 
 
-__all__ = ["NOT_ENQUEUED", "CeleryExecutor", "EnqueueResult", "job_summary"]
+__all__ = ["NOT_ENQUEUED", "CeleryExecutor", "EnqueueResult", "check_plan", "job_report", "job_summary"]
