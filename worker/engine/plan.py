@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any, Literal
@@ -398,6 +399,10 @@ def resolve_image(
     return resolved
 
 
+#: layers of one image measured at once while planning a (de/re)compression
+_MEASURE_THREADS = 4
+
+
 def _recompress_layers(
     src: ImageSource,
     dest: ImageDestination,
@@ -440,17 +445,23 @@ def _recompress_layers(
             raise InvalidInput(
                 f"copying {resolved.source} with the compression asked for changes layer digests, but {why}"
             )
+        todo = {(str(c.source.digest), c.op): c for c in changes if (str(c.source.digest), c.op) not in measured}
+
+        def measure_one(change: LayerChange) -> tuple[Digest, int]:
+            with src.open_blob(change.source) as chunks:
+                return measure(transform(chunks, change.op, f"blob {change.source.digest}"))
+
+        # the layers of one image are measured side by side (the compressors release the GIL)
+        with ThreadPoolExecutor(max_workers=min(_MEASURE_THREADS, max(1, len(todo)))) as pool:
+            results = dict(zip(todo, pool.map(measure_one, todo.values()), strict=True))
+        for mkey, (digest, size) in results.items():
+            measured[mkey] = Descriptor(todo[mkey].media_type, digest, size)
         replaced: dict[Digest, Descriptor] = {}
         for change in changes:
             if change.source.digest in replaced:
                 continue
-            mkey = (str(change.source.digest), change.op)
-            new = measured.get(mkey)
-            if new is None:
-                with src.open_blob(change.source) as chunks:
-                    digest, size = measure(transform(chunks, change.op, f"blob {change.source.digest}"))
-                new = measured[mkey] = Descriptor(change.media_type, digest, size)
-            elif new.media_type != change.media_type:
+            new = measured[(str(change.source.digest), change.op)]
+            if new.media_type != change.media_type:
                 new = Descriptor(change.media_type, new.digest, new.size)
             replaced[change.source.digest] = new
             resolved.recompress[str(new.digest)] = change
