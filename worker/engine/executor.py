@@ -9,10 +9,12 @@ steps never run (so no tag points at missing content) while other images go on.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -105,21 +107,28 @@ class PlanFeed:
         self._finished = False
         self.closed = False
         self.failed = False
+        #: called after every change (the executor waiting on its steps wakes up for new images at once)
+        self.on_change: Callable[[], None] | None = None
+
+    def _changed(self) -> None:
+        self._cond.notify_all()
+        if self.on_change is not None:
+            self.on_change()
 
     def put(self, images: list[ImagePlan], steps: dict[str, Step]) -> None:
         with self._cond:
             self._items.append((images, steps))
-            self._cond.notify_all()
+            self._changed()
 
     def fail(self) -> None:
         with self._cond:
             self.failed = True
-            self._cond.notify_all()
+            self._changed()
 
     def finish(self) -> None:
         with self._cond:
             self._finished = True
-            self._cond.notify_all()
+            self._changed()
 
     def close(self) -> None:
         with self._cond:
@@ -251,18 +260,28 @@ class EmbeddedExecutor:
                     if out.status == ImageStatus.PENDING:
                         finish_image(out, status, error)
 
-        def run_step(step: Step) -> BlobResult | None:
-            if self.ctx.cancel.is_set():
-                raise Cancelled("copy interrupted")
-            self.events.step_started(step)
-            if isinstance(step, BlobStep):
-                return run_blob_step(self.ctx, step, deps_done=True)
-            run_manifest_step(self.ctx, step)
-            return None
+        # each step reports to one queue as it ends: the loop below wakes once per finished step (or per change
+        # of the feed), where waiting on the set of running futures cost time in proportion to their number
+        finished: queue.SimpleQueue[tuple[str, BlobResult | None, BaseException | None] | None] = queue.SimpleQueue()
+
+        def run_step(sid: str, step: Step) -> None:
+            try:
+                if self.ctx.cancel.is_set():
+                    raise Cancelled("copy interrupted")
+                self.events.step_started(step)
+                if isinstance(step, BlobStep):
+                    finished.put((sid, run_blob_step(self.ctx, step, deps_done=True), None))
+                else:
+                    run_manifest_step(self.ctx, step)
+                    finished.put((sid, None, None))
+            except BaseException as exc:  # reported to the loop, which fails the step's images
+                finished.put((sid, None, exc))
 
         add(plan.images, plan.steps, fed=False)
         pool = ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="ferry-step")
-        running: dict[Future[BlobResult | None], str] = {}
+        running: dict[str, Future[None]] = {}
+        if feed is not None:
+            feed.on_change = lambda: finished.put(None)
         try:
             while True:
                 if feed is not None:
@@ -278,9 +297,9 @@ class EmbeddedExecutor:
                         break
                 while ready and len(running) < self.parallel * 2 and not self.ctx.cancel.is_set():
                     sid = ready.popleft()
-                    if sid in failed or sid in succeeded:
+                    if sid in failed or sid in succeeded or sid in running:
                         continue
-                    running[pool.submit(run_step, steps[sid])] = sid
+                    running[sid] = pool.submit(run_step, sid, steps[sid])
                 if self.ctx.cancel.is_set() and not running:
                     break
                 if not running:
@@ -291,12 +310,21 @@ class EmbeddedExecutor:
                     assert feed is not None
                     feed.wait(0.5)
                     continue
-                wakeups = [*running]
-                finished, _ = wait(wakeups, timeout=0.05 if feeding else 0.5, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    sid = running.pop(fut)
+                try:
+                    reports = [finished.get(timeout=0.5)]
+                except queue.Empty:
+                    continue
+                while True:
+                    try:
+                        reports.append(finished.get_nowait())
+                    except queue.Empty:
+                        break
+                for reported in reports:
+                    if reported is None:  # the feed changed
+                        continue
+                    sid, result, exc = reported
+                    running.pop(sid, None)
                     step = steps[sid]
-                    exc = fut.exception()
                     with lock:
                         if exc is not None:
                             log.debug("step %s failed", sid, exc_info=exc)
@@ -306,7 +334,6 @@ class EmbeddedExecutor:
                                 sid, describe_error(exc), ImageStatus.CANCELLED if cancelled else ImageStatus.FAILED
                             )
                             continue
-                        result = fut.result()
                         self._count(report, step, result)
                         self.events.step_finished(step, result, None)
                         succeeded.add(sid)
@@ -323,10 +350,11 @@ class EmbeddedExecutor:
             raise
         finally:
             if feed is not None:
+                feed.on_change = None
                 feed.close()
             if self.ctx.cancel.is_set():
                 report.cancelled = True
-                for fut in running:
+                for fut in running.values():
                     fut.cancel()
                 pool.shutdown(wait=True, cancel_futures=True)
                 for outcome in report.images:
