@@ -35,7 +35,9 @@ from .options import (  # noqa: E402
 VERSION = "0.1.0"
 
 EXIT_ERROR = 1
-EXIT_USAGE = 2
+#: a usage error (unknown flag or command, missing argument) exits 1, as skopeo (logrus.Fatal): 2 would read
+#: as "no such image" to a script written for skopeo >= 1.10
+EXIT_USAGE = 1
 EXIT_INTERRUPTED = 130
 #: skopeo ≥ 1.10 exits 2 when the source image does not exist (cmd/skopeo isNotFoundImageError)
 EXIT_NOT_FOUND = 2

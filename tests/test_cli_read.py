@@ -580,7 +580,7 @@ ERROR_TEXT = {
 def test_error_is_one_line(error_runs: dict[str, Outcome], case: str) -> None:
     run = error_runs[case]
     # a missing image exits 2, as skopeo >= 1.10 does (isNotFoundImageError)
-    assert run.code == (2 if case in ("usage", "not-found") else 1), run
+    assert run.code == (2 if case == "not-found" else 1), run
     assert run.stdout == ""
     lines = run.stderr.splitlines()
     assert len(lines) == 1, run.stderr

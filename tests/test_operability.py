@@ -391,7 +391,7 @@ def test_compose_and_procfile_run_real_ferry_and_celery_commands(
     for name in ("worker", "exporter"):
         argv = [_expand(a) for a in services[name]["command"]]
         assert argv[0] == "ferry"
-        args = parser.parse_args(argv[1:])  # an unknown flag exits with status 2
+        args = parser.parse_args(argv[1:])  # an unknown flag exits (SystemExit)
         assert args.handler.__name__ == name
     procfile_flower = shlex.split(_expand(procfile()["flower"]))
     for cmd in (services["flower"]["command"], procfile_flower):
