@@ -58,7 +58,7 @@ def env(registry: RegistryServer, auth_registry: RegistryServer, tmp_path_factor
 def fill(args: list[str], e: Env, case: str) -> list[str]:
     sub = {
         "{reg}": e.reg, "{auth}": e.auth, "{repo}": e.repo, "{tmp}": str(e.tmp), "{authfile}": e.authfile,
-        "{case}": case, "{creds}": f"{e.user}:{e.password}",
+        "{case}": case, "{creds}": f"{e.user}:{e.password}", "{user}": e.user, "{password}": e.password,
     }  # fmt: skip
     out = []
     for a in args:
@@ -145,12 +145,23 @@ MATRIX: list[tuple[str, list[str], str, str]] = [
     ("sync-dir", ["sync", "--src", "docker", "--dest", "dir", SI, "{reg}/{repo}:v2s2", "{tmp}/{case}-{tool}"],
      "{tmp}/{case}-{tool}", "shape"),
     ("manifest-digest", ["manifest-digest", "{tmp}/src-dir/manifest.json"], "", "exact"),
+    ("login", ["login", I, "--authfile", "{tmp}/{case}-{tool}.json", "-u", "{user}", "-p", "{password}", "{auth}"],
+     "{tmp}/{case}-{tool}.json", "exact"),
+    ("login-stdin", ["login", I, "--authfile", "{tmp}/{case}-{tool}.json", "-u", "{user}", "--password-stdin",
+                     "{auth}"], "{tmp}/{case}-{tool}.json", "exact"),
+    ("login-get-login", ["login", "--authfile", "{authfile}", "--get-login", "{auth}"], "", "exact"),
+    ("logout", ["logout", "--authfile", "{tmp}/{case}-{tool}.json", "{auth}"], "{tmp}/{case}-{tool}.json", "exact"),
+    ("logout-all", ["logout", "--authfile", "{tmp}/{case}-{tool}.json", "--all"], "{tmp}/{case}-{tool}.json", "exact"),
+    ("delete", ["delete", I, "docker://{reg}/{repo}-del-{tool}:v1"], "docker://{reg}/{repo}-del-{tool}:v1", "exact"),
     # errors: the exit code and one line on stderr
     ("err-missing-tag", ["inspect", I, "docker://{reg}/{repo}:nope"], "", "exact"),
     ("err-missing-repo", ["copy", SI, "docker://{reg}/{repo}-none:v1", "dir:{tmp}/{case}-{tool}"], "", "exact"),
     ("err-bad-transport", ["inspect", "nope:x"], "", "exact"),
     ("err-no-transport", ["copy", "{reg}/{repo}:v2s2", "dir:{tmp}/{case}-{tool}"], "", "exact"),
     ("err-bad-creds", ["inspect", I, "--creds", "wrong:creds", "docker://{auth}/{repo}:v1"], "", "exact"),
+    ("err-login-bad-creds", ["login", I, "--authfile", "{tmp}/{case}-{tool}.json", "-u", "x", "-p", "y", "{auth}"],
+     "{tmp}/{case}-{tool}.json", "exact"),
+    ("err-logout-not-logged-in", ["logout", "--authfile", "{authfile}", "{reg}"], "", "exact"),
     ("err-no-creds", ["inspect", I, "docker://{auth}/{repo}:v1"], "", "exact"),
     ("err-missing-dir", ["inspect", "dir:{tmp}/none"], "", "exact"),
     ("err-list-tags-tag", ["list-tags", I, "docker://{reg}/{repo}:v2s2"], "", "exact"),
@@ -177,9 +188,41 @@ EXIT_DIFFERENCES = {
 CONFIG_KEPT = {"copy-dir-oci", "copy-format-oci", "copy-digestfile"}
 
 
+def prepare(e: Env, case: str) -> dict[str, str] | None:
+    """What a case needs first (for each tool: a tag to delete, a login to remove); the environment to run in."""
+    if case == "delete":
+        for tool in ("ferry", "skopeo"):
+            skopeo("copy", SI, DI, f"docker://{e.reg}/{e.repo}:oci", f"docker://{e.reg}/{e.repo}-del-{tool}:v1")
+    if case.startswith("logout"):
+        for tool in ("ferry", "skopeo"):
+            path = e.tmp / f"{case}-{tool}.json"
+            write_auth(path, e.auth, e.user, e.password)
+            data = json.loads(path.read_text())
+            data["auths"]["other.example"] = {"auth": "eDp5"}
+            path.write_text(json.dumps(data))
+    return None
+
+
+def run_both(e: Env, case: str, args: list[str]) -> tuple[Any, Any]:
+    argv = fill(args, e, case)
+    if case == "login-stdin":
+        import subprocess
+
+        from tests.harness.peer import peer_env
+        from tests.test_skopeo_flags import FERRY_BIN
+
+        out = []
+        for tool, binary in (("ferry", [FERRY_BIN]), ("skopeo", ["/usr/bin/skopeo"])):
+            out.append(subprocess.run([*binary, *(a.replace("{tool}", tool) for a in argv)], input=e.password + "\n",
+                                      capture_output=True, text=True, timeout=60, env=peer_env()))  # fmt: skip
+        return out[0], out[1]
+    return both(*argv)
+
+
 @pytest.mark.parametrize(("case", "args", "where", "compare"), MATRIX, ids=[m[0] for m in MATRIX])
 def test_matrix(env: Env, case: str, args: list[str], where: str, compare: str) -> None:
-    f, s = both(*fill(args, env, case))
+    prepare(env, case)
+    f, s = run_both(env, case, args)
     want = EXIT_DIFFERENCES.get(case, (s.returncode, s.returncode))
     assert (f.returncode, s.returncode) == want, (f.stderr, s.stderr)
     if f.returncode != s.returncode:
