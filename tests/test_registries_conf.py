@@ -250,3 +250,17 @@ def test_tags_are_listed_at_the_name_as_given(registry: RegistryServer, registry
         f, s = both("--registries-conf", conf, verb, name)
         assert f.returncode == s.returncode == 1, (verb, f.stderr, s.stderr)
         assert "blocked" in f.stderr and "blocked" in s.stderr, verb
+
+
+def test_verify_reads_the_destination_itself(registry: RegistryServer, registry2: RegistryServer, setup: dict) -> None:
+    """A mirror of the destination registry that holds something else under the same name is never read."""
+    conf = setup["conf"]
+    leaf = f"verify-{secrets.token_hex(3)}"
+    src, dest = f"{registry.host}/{setup['repo']}", f"{registry.host}/test/{leaf}"
+    name = setup["repo"].rsplit("/", 1)[1]
+    push_image(registry2.url, f"test/{leaf}/{name}", "v1", build_image("conf-decoy", layers=[150]))
+    flags = ["--src", "docker", "--dest", "docker"]
+    run = ferry("--registries-conf", conf, "sync", *flags, src, dest)
+    assert run.returncode == 0, run.stderr
+    run = ferry("--registries-conf", conf, "verify", *flags, src, dest)
+    assert run.returncode == 0, (run.stdout, run.stderr)

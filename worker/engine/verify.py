@@ -33,7 +33,7 @@ from .manifest import parse_manifest
 from .plan import plan_copy
 from .steps import EngineContext
 from .sync import Discovery, SyncItem, SyncRequest, check, discover, resolve_changed
-from .transports import ImageName, ImageSource, open_source
+from .transports import ImageName, ImageSource, open_repository, open_source
 
 T = TypeVar("T")
 
@@ -135,7 +135,9 @@ class _TreeChecker:
         with self._lock:
             src = self._readers.get(key)
             if src is None:
-                src = self._readers[key] = open_source(name, self.ctx.dest_side, self.ctx.pool)
+                # the destination itself, never a registries.conf mirror or rewrite of it (where the copy wrote)
+                opener = open_repository if name.reference is not None else open_source
+                src = self._readers[key] = opener(name, self.ctx.dest_side, self.ctx.pool)
             return src
 
     def lacks(self, name: ImageName, digest: Digest) -> _Lacks:
