@@ -57,33 +57,33 @@ def _calls(r: redis.Redis) -> int:
     return int(r.info("stats")["total_commands_processed"])
 
 
-def test_a_short_transfer_costs_one_write_at_each_end(r: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_short_transfer_costs_one_write(r: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(telemetry, "FLUSH_SECONDS", 3600.0)  # a transfer shorter than the period
     meter = _meter(r)
-    before = _hset_calls(r)
-    meter.start()
-    meter.on_attempt(meter.digest)  # the first attempt writes nothing more
+    meter.start()  # the job's first transfer in this process: its time
+    assert telemetry.job_meter(r, "j1")["first_byte"] > 0
+    commands = _calls(r)
+    meter.on_attempt(meter.digest)  # the first attempt writes nothing
     for _ in range(20 * 16):  # 20 MiB in 64 KiB chunks: 320 chunks
         meter.on_bytes(meter.digest, 64 * 1024)
-    # the start only: nothing per chunk
-    assert _hset_calls(r) - before == 1
-    rec = _record(r)
-    assert rec is not None and rec["bytes"] == 0 and rec["worker"] == "w1@host"
-    assert telemetry.inflight(r, "j1")[0]["digest"] == meter.digest
-    assert telemetry.inflight(r, "other") == []
+    assert _calls(r) - commands == 1  # nothing per chunk (INFO counts itself)
+    assert _record(r) is None  # too short to show in flight
     commands = _calls(r)
     meter.close()
-    # the end: the record goes, the job's bytes and the counter: one round trip of three commands
-    assert _calls(r) - commands == 3 + 1  # INFO counts itself
-    assert _record(r) is None
-    assert telemetry.job_meter(r, "j1")["moved"] == 20 * MiB
-    assert telemetry.job_meter(r, "j1")["first_byte"] > 0
+    # the end: the byte counter, one command
+    assert _calls(r) - commands == 1 + 1
+    assert telemetry.inflight(r, "j1") == []
     (counter,) = [c for c in telemetry.counters(r) if c[0] == "transferred_bytes"]
     assert counter == (
         "transferred_bytes",
         {"source_registry": "src.example", "destination_registry": "dst.example"},
         20.0 * MiB,
     )
+    # a second transfer of the job in this process does not write the job's first byte again
+    other = _meter(r)
+    commands = _calls(r)
+    other.start()
+    assert _calls(r) - commands == 1
 
 
 def test_a_long_transfer_writes_once_per_period(r: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -98,8 +98,11 @@ def test_a_long_transfer_writes_once_per_period(r: redis.Redis, monkeypatch: pyt
     writes = _hset_calls(r) - before
     assert 3 <= writes <= 6, writes  # one per 0.2 s, however many chunks
     rec = _record(r)
-    assert rec is not None and 0 < int(str(rec["bytes"])) <= meter.bytes
+    assert rec is not None and 0 < int(str(rec["bytes"])) <= meter.bytes and rec["worker"] == "w1@host"
+    assert telemetry.inflight(r, "j1")[0]["digest"] == meter.digest
+    assert telemetry.inflight(r, "other") == []
     meter.close()
+    assert _record(r) is None
 
 
 def test_a_new_attempt_counts_from_zero_but_moved_bytes_stay(r: redis.Redis) -> None:
@@ -115,7 +118,10 @@ def test_a_new_attempt_counts_from_zero_but_moved_bytes_stay(r: redis.Redis) -> 
     meter.flush()
     rec = _record(r)
     assert rec is not None and rec["bytes"] == MiB
-    assert telemetry.job_meter(r, "j1")["moved"] == 4 * MiB
+    # the first attempt's bytes count as retried: streamed, though no blob done holds them
+    assert telemetry.job_meter(r, "j1")["retried"] == 3 * MiB
+    p = telemetry.job_progress(r, "j1", {"s1": {"size": 20 * MiB, "status": "running"}})
+    assert p["bytes_moved"] == 4 * MiB and p["bytes_in_flight"] == MiB
 
 
 def test_job_progress_adds_bytes_in_flight_to_the_blobs_done(r: redis.Redis) -> None:

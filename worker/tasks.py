@@ -535,7 +535,7 @@ def finalize_here(job_id: str, image_ids: list[str]) -> None:
         return
     for image_id in image_ids:
         try:
-            _finalize(job_id, image_id, None, 0.0, 0)
+            _finalize(job_id, image_id, None, 0.0, 0, ready=True)
         except _Later as later:
             finalize_image.apply_async((job_id, image_id), later.kwargs, countdown=later.countdown)
         except Exception as exc:
@@ -546,13 +546,16 @@ def finalize_here(job_id: str, image_ids: list[str]) -> None:
                 log.exception("could not record the failure of image %s/%s", job_id, image_id)
 
 
-def _finalize(job_id: str, image_id: str, sign_digests: list[str] | None, since: float, errors: int) -> dict[str, Any]:
+def _finalize(
+    job_id: str, image_id: str, sign_digests: list[str] | None, since: float, errors: int, ready: bool = False
+) -> dict[str, Any]:
+    """``ready``: this task has just counted the image's last blob off (every blob of it is ``done``)."""
     jobs = _state().jobs
     record = jobs.image(job_id, image_id)
     to_sign = list(sign_digests or record.sign)
     if (record.status.ended and not to_sign) or jobs.cancelled(job_id):
         return {"image": image_id, "status": record.status.value}
-    states = jobs.blob_states(job_id, jobs.image_blob_ids(job_id, image_id))
+    states = {} if ready else jobs.blob_states(job_id, jobs.image_blob_ids(job_id, image_id))
     lost = [s for s in states.values() if s.status in (BlobStatus.FAILED, BlobStatus.CANCELLED)]
     if lost:
         jobs.end_image(job_id, image_id, ImageStatus.FAILED, lost[0].error or f"a blob was {lost[0].status}")

@@ -9,14 +9,15 @@ Keys (all under ``ferry:telemetry:``)::
 
     inflight          hash  "{job}/{step}" -> JSON {job, step, digest, size, bytes, worker, source_registry,
                             destination_registry, started, updated}: one field per blob transfer running now
-    job:{id}          hash  first_byte (unix time of the job's first streamed byte), moved (bytes streamed,
-                            a retried attempt's bytes included), observed (set once its duration is counted)
+    job:{id}          hash  first_byte (unix time of the job's first transfer start), retried (bytes of attempts
+                            started again), observed (set once its duration is counted)
     counters          hash  JSON [metric, [[label, value], ...]] -> number: the Prometheus counters and the
                             job-duration histogram, summed over every worker
 
-Writes are few: one when a transfer starts (its in-flight record), one when it ends (the record goes, its bytes
-are counted), and while it streams one every ``FLUSH_SECONDS`` (2 s): a blob that takes under that costs two
-writes, never one per chunk.
+Writes are few: while a transfer streams, one every ``FLUSH_SECONDS`` (2 s: its in-flight record and the byte
+counter), and one when it ends (the record goes, its bytes are counted). A transfer shorter than that costs one
+write (the counter), never one per chunk. A job's bytes streamed (``bytes_moved``) are those of its blobs done,
+those in flight, and those of attempts that were started again (``retried``, written when that happens).
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ class TransferMeter:
     started: float = field(default_factory=time.time)
     attempts: int = 0
     _unflushed: int = 0
+    #: the in-flight record is in Redis (written by a periodic write)
+    _shown: bool = False
     _last_flush: float = field(default_factory=time.monotonic)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _io: threading.Lock = field(default_factory=threading.Lock)
@@ -135,8 +138,14 @@ class TransferMeter:
         if again:
             self._try_flush()
             with self._lock:
-                self.bytes = 0
-            self._try_flush(force=True)
+                lost, self.bytes = self.bytes, 0
+            try:
+                if lost:
+                    self.r.hincrby(f"{PREFIX}job:{self.job_id}", "retried", lost)
+            except redis.RedisError:
+                log.debug("progress write failed", exc_info=True)
+            if self._shown:
+                self._try_flush(force=True)
 
     def _try_flush(self, *, force: bool = False) -> None:
         """Telemetry never fails a copy: a Redis error here leaves the count to the next write."""
@@ -146,21 +155,21 @@ class TransferMeter:
             log.debug("progress write failed", exc_info=True)
 
     def start(self) -> None:
-        """The transfer starts: its in-flight record, and the job's first byte if this process has not seen it."""
+        """The transfer starts: the job's first transfer if this process has not seen the job yet (nothing else:
+        a transfer shows in ``inflight`` from its first periodic write on)."""
         with _first_byte_lock:
             first = self.job_id not in _first_byte_seen
             if first:
                 if len(_first_byte_seen) > 10_000:
                     _first_byte_seen.clear()
                 _first_byte_seen.add(self.job_id)
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hset(INFLIGHT, self.field, json.dumps(self.record()))
-        if first:
-            job_key = f"{PREFIX}job:{self.job_id}"
-            pipe.hsetnx(job_key, "first_byte", time.time())
-            pipe.expire(job_key, JOB_TTL)
         with self._io:
             self._last_flush = time.monotonic()
+        if first:
+            job_key = f"{PREFIX}job:{self.job_id}"
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hsetnx(job_key, "first_byte", time.time())
+            pipe.expire(job_key, JOB_TTL)
             pipe.execute()
 
     def flush(self, *, force: bool = False, end: bool = False) -> None:
@@ -175,15 +184,18 @@ class TransferMeter:
                 record = json.dumps(self.record())
             pipe = self.r.pipeline(transaction=False)
             if end:
-                pipe.hdel(INFLIGHT, self.field)
+                if self._shown:
+                    pipe.hdel(INFLIGHT, self.field)
+                    self._shown = False
             else:
                 pipe.hset(INFLIGHT, self.field, record)
+                self._shown = True
             if moved:
-                pipe.hincrby(f"{PREFIX}job:{self.job_id}", "moved", moved)
                 labels = {"source_registry": self.source_registry, "destination_registry": self.destination_registry}
                 pipe.hincrbyfloat(COUNTERS, _counter_field("transferred_bytes", labels), moved)
             try:
-                pipe.execute()
+                if len(pipe):
+                    pipe.execute()
             except redis.RedisError:
                 with self._lock:
                     self._unflushed += moved  # counted at the next write
@@ -245,9 +257,10 @@ def inflight(r: redis.Redis, job_id: str | None = None) -> list[dict[str, Any]]:
 
 
 def job_meter(r: redis.Redis, job_id: str) -> dict[str, float]:
-    """A job's streamed bytes (``moved``) and the time of its first byte (0: none yet)."""
+    """The bytes of a job's attempts that were started again (``retried``) and the time of its first transfer
+    (``first_byte``, 0: none yet)."""
     raw = cast(dict[str, str], r.hgetall(f"{PREFIX}job:{job_id}"))
-    return {"moved": float(raw.get("moved", 0) or 0), "first_byte": float(raw.get("first_byte", 0) or 0)}
+    return {"retried": float(raw.get("retried", 0) or 0), "first_byte": float(raw.get("first_byte", 0) or 0)}
 
 
 def count_blob(r: redis.Redis, outcome: str, destination_registry: str) -> None:
@@ -288,13 +301,16 @@ def job_progress(
     done_bytes = sum(int(b.get("size", 0)) for b in blobs.values() if b.get("status") == "done")
     total = sum(int(b.get("size", 0)) for b in blobs.values())
     meter = job_meter(r, job_id)
+    # streamed: the blobs transferred, the transfers running, and the attempts started again
+    streamed = sum(int(b.get("bytes", 0) or 0) for b in blobs.values() if b.get("status") == "done")
+    moved = streamed + in_flight + meter["retried"]
     elapsed = now - meter["first_byte"] if meter["first_byte"] else 0.0
-    rate = meter["moved"] / elapsed if elapsed > 0 else 0.0
+    rate = moved / elapsed if elapsed > 0 else 0.0
     remaining = max(total - done_bytes - in_flight, 0)
     return {
         "bytes_done": min(done_bytes + in_flight, total) if total else done_bytes + in_flight,
         "bytes_in_flight": in_flight,
-        "bytes_moved": int(meter["moved"]),
+        "bytes_moved": int(moved),
         "rate_bytes_per_second": rate,
         "eta_seconds": remaining / rate if rate > 0 and remaining else (0.0 if not remaining else None),
         "transfers": [
