@@ -481,3 +481,31 @@ def test_source_bytes_still_verified(registry2: RegistryServer, gz_image: str, t
     assert "digest mismatch for blob " + m["layers"][0]["digest"] in run.stderr, run.stderr
     assert len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert "v1" not in ferry("list-tags", "--tls-verify=false", dest.rsplit(":", 1)[0]).stdout
+
+
+def test_local_source_compresses_once_and_cleans_up(registry2: RegistryServer, gz_image: str, tmp_path: Path) -> None:
+    """From a local source the planning pass keeps what it made in a staging file, which the copy sends and
+    then removes; the result is the image the on-the-fly path makes (the transform is deterministic)."""
+    from tests.test_skopeo_rest import plain_layer_image
+
+    pull_dir(gz_image, tmp_path / "src")
+    plain_layer_image(tmp_path / "src", tmp_path / "plain")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    dest = f"docker://{registry2.host}/test/staged-{secrets.token_hex(3)}"
+    run = ferry(
+        "copy", "--dest-tls-verify=false", "--dest-compress-format", "zstd", f"dir:{tmp_path}/plain", f"{dest}:a",
+        env={"FERRY_STAGING_DIR": str(staging)},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert list(staging.iterdir()) == []  # every staged layer sent and removed, the directory gone at exit
+    # the same image as a registry source makes on the fly (nothing staged there): the plain image pushed as
+    # it is (--preserve-digests), then recompressed registry to registry
+    kept = ferry("copy", "--dest-tls-verify=false", "--preserve-digests", f"dir:{tmp_path}/plain", f"{dest}-p:a")
+    assert kept.returncode == 0, kept.stderr
+    again = ferry("copy", *INSECURE, "--dest-compress-format", "zstd", f"{dest}-p:a", f"{dest}-2:a")
+    assert again.returncode == 0, again.stderr
+    a = skopeo("inspect", "--raw", "--tls-verify=false", f"{dest}:a").stdout
+    b = skopeo("inspect", "--raw", "--tls-verify=false", f"{dest}-2:a").stdout
+    assert json.loads(a)["layers"] == json.loads(b)["layers"]
+    assert [x["mediaType"] for x in json.loads(a)["layers"]] == [ZSTD_OCI] * 2

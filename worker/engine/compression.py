@@ -15,7 +15,9 @@ A changed layer's descriptor is ``{mediaType, digest, size}`` (containers/image 
 URLs too). The compressors are deterministic (zlib with no name and mtime 0; zstd single-threaded, no
 content size, no checksum), so the planner learns a changed layer's digest with one streamed pass that
 keeps nothing (:func:`measure`), and the copy runs the same transform again on the fly (:func:`transform`)
-while the destination verifies the digest. Never a whole layer in memory, never staged on disk.
+while the destination verifies the digest. Never a whole layer in memory. From a local source (``dir:``,
+``oci:``, archives) the planning pass keeps what it made in a staging file instead (:func:`stage`), and the
+copy sends that file: one compression, not two. From a registry nothing is staged on disk.
 
 gzip is zlib-ng (the ``zlib-ng`` package bundles it: 2.5x less CPU than the system zlib at level 6, the same
 0-9 levels), or the standard library's zlib where that package is missing. The two make different bytes, and
@@ -25,10 +27,15 @@ process with another engine refuses the step with one line rather than push byte
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import importlib
 import json
+import os
+import shutil
+import tempfile
+import threading
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -272,6 +279,44 @@ def transform(chunks: Iterable[bytes], op: str, what: str) -> Iterator[bytes]:
     if fmt == "zstd":
         return zstd_stream(plain, int(level))
     return plain
+
+
+_staging_lock = threading.Lock()
+_staging_dir: list[str] = []
+
+
+def _staging() -> str:
+    """This process's directory for layers compressed while planning (removed when the process exits)."""
+    with _staging_lock:
+        if not _staging_dir:
+            path = tempfile.mkdtemp(prefix="ferry-layers-", dir=os.environ.get("FERRY_STAGING_DIR") or None)
+            atexit.register(shutil.rmtree, path, True)
+            _staging_dir.append(path)
+        return _staging_dir[0]
+
+
+def stage(chunks: Iterable[bytes]) -> tuple[Digest, int, str]:
+    """Like :func:`measure`, and keep the bytes in a staging file for the copy to send (a local source only:
+    the planning pass then does the only compression). Returns digest, size and the file's path."""
+    h = hashlib.sha256()
+    size = 0
+    fd, path = tempfile.mkstemp(dir=_staging(), suffix=".layer")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for piece in chunks:
+                h.update(piece)
+                size += len(piece)
+                f.write(piece)
+    except BaseException:
+        os.unlink(path)
+        raise
+    return Digest("sha256", h.hexdigest()), size, path
+
+
+def staged_chunks(path: str) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while piece := f.read(_CHUNK):
+            yield piece
 
 
 def measure(chunks: Iterable[bytes]) -> tuple[Digest, int]:

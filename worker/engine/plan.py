@@ -105,6 +105,8 @@ class ResolvedImage:
     options: CopyOptions | None = None
     #: layers (de/re)compressed on the way: destination digest -> what is read and what is done to it
     recompress: dict[str, LayerChange] = field(default_factory=dict)
+    #: of those, the ones made while planning from a local source: destination digest -> staging file
+    staged: dict[str, str] = field(default_factory=dict)
     #: a signature, attestation or referrer that goes along with an image (sync): never signed itself
     attachment: bool = False
 
@@ -152,6 +154,9 @@ class BlobStep:
     #: what the copy does to that layer: ``gzip:LEVEL``, ``zstd:LEVEL`` or ``plain`` (decompress); empty
     #: with ``source_digest`` set means ``gzip:6`` (steps planned before this field existed)
     recompress: str = ""
+    #: a staging file holding the transformed layer (made while planning from a local source): sent instead
+    #: of transforming again; empty (or gone) means transform on the fly
+    staged: str = ""
 
     @property
     def descriptor(self) -> Descriptor:
@@ -186,6 +191,7 @@ class BlobStep:
             "source_size": self.source_size,
             "source_media_type": self.source_media_type,
             "recompress": self.recompress,
+            "staged": self.staged,
         }
 
     @classmethod
@@ -203,6 +209,7 @@ class BlobStep:
             source_size=int(d.get("source_size") or 0),
             source_media_type=str(d.get("source_media_type") or ""),
             recompress=str(d.get("recompress") or ""),
+            staged=str(d.get("staged") or ""),
         )
 
     def to_message(self) -> BlobMessage:
@@ -388,7 +395,9 @@ def resolve_image(
         desired = "preserve"  # registry to registry stays byte for byte unless a compression flag asks otherwise
     if desired != "preserve" and options.multi_arch != "index-only":
         by_digest = destination_name.reference is not None and destination_name.reference.digest is not None
-        options = _recompress_layers(src, dest, resolved, options, desired, by_digest=by_digest)
+        options = _recompress_layers(
+            src, dest, resolved, options, desired, by_digest=by_digest, local=source_name.reference is None
+        )
     resolved.options = options
     if head_destination:
         try:
@@ -411,6 +420,7 @@ def _recompress_layers(
     desired: Desired,
     *,
     by_digest: bool = False,
+    local: bool = False,
 ) -> CopyOptions:
     """(De/re)compress layers as containers/image does: learn each new layer's digest, rewrite the manifests.
 
@@ -418,7 +428,7 @@ def _recompress_layers(
     converts it too); an index listing it keeps its own type and lists it as OCI, as containers/image does.
     Returns the image's options (unchanged).
     """
-    from .compression import OCI_ZSTD, image_layers, measure, plan_layer, rewrite_layers, transform
+    from .compression import OCI_ZSTD, image_layers, measure, plan_layer, rewrite_layers, stage, transform
 
     opts = options.compression
     images: list[tuple[Digest | None, SourceManifest]]
@@ -447,15 +457,20 @@ def _recompress_layers(
             )
         todo = {(str(c.source.digest), c.op): c for c in changes if (str(c.source.digest), c.op) not in measured}
 
-        def measure_one(change: LayerChange) -> tuple[Digest, int]:
+        def measure_one(change: LayerChange) -> tuple[Digest, int, str]:
             with src.open_blob(change.source) as chunks:
-                return measure(transform(chunks, change.op, f"blob {change.source.digest}"))
+                made = transform(chunks, change.op, f"blob {change.source.digest}")
+                if local:  # keep what this pass made: the copy sends it rather than compress again
+                    return stage(made)
+                return (*measure(made), "")
 
         # the layers of one image are measured side by side (the compressors release the GIL)
         with ThreadPoolExecutor(max_workers=min(_MEASURE_THREADS, max(1, len(todo)))) as pool:
             results = dict(zip(todo, pool.map(measure_one, todo.values()), strict=True))
-        for mkey, (digest, size) in results.items():
+        for mkey, (digest, size, path) in results.items():
             measured[mkey] = Descriptor(todo[mkey].media_type, digest, size)
+            if path:
+                resolved.staged[str(digest)] = path
         replaced: dict[Digest, Descriptor] = {}
         for change in changes:
             if change.source.digest in replaced:
@@ -565,6 +580,7 @@ class _Builder:
                 "source_size": change.source.size,
                 "source_media_type": change.source.media_type,
                 "recompress": change.op,
+                "staged": r.staged.get(str(desc.digest), ""),
             }
             if change is not None
             else {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from worker.registry import Cancelled, Digest, FerryError, RetryPolicy, is_temporary
 
-from .compression import transform
+from .compression import staged_chunks, transform
 from .plan import BlobStep, ManifestStep, ResolvedImage
 from .status import BlobAction
 from .transports import ClientPool, ImageDestination, ImageName, ImageSource, SideConfig, open_destination, open_source
@@ -282,15 +283,23 @@ def transfer_blob(ctx: EngineContext, step: BlobStep) -> BlobResult:
         if ctx.on_attempt is not None:
             ctx.on_attempt(digest)
         # A failed attempt restarts the whole upload session: a streamed body cannot be replayed.
+        if step.staged and os.path.exists(step.staged):
+            # (de/re)compressed while planning from a local source: send that (the destination verifies it)
+            dest.put_blob(desc, _stream(ctx, digest, staged_chunks(step.staged)))
+            return BlobResult(BlobAction.TRANSFERRED, desc.size)
         with src.open_blob(step.source_descriptor) as chunks:
-            # a plain layer for a registry is gzipped on the fly; the destination verifies the gzip digest
-            body = transform(chunks, step.recompress_op, f"blob {step.source_digest}") if step.recompress_op else chunks
+            # a layer (de/re)compressed on the fly: the source verifies what is read, the destination the result
+            op = step.recompress_op
+            body = transform(chunks, op, f"blob {step.source_digest}") if op else chunks
             dest.put_blob(desc, _stream(ctx, digest, body))
         return BlobResult(BlobAction.TRANSFERRED, desc.size)
 
     hosts = [n.reference.api_host for n in (step.source, step.destination) if n.reference]
     with ctx.hosts.hold(hosts, ctx.cancel):
         result = retry.run(transfer)
+    if step.staged:
+        with contextlib.suppress(OSError):  # sent: the disk space goes back now, not at exit
+            os.unlink(step.staged)
     if repo:
         ctx.locations.add(store, digest, repo)
     if step.source.reference is not None and step.source_digest is None:  # the source holds what was read, not this
