@@ -424,6 +424,66 @@ def test_two_workers_copy_image_set_sharing_a_layer(
     assert by_worker == workers.names, f"blob tasks ran on {by_worker}"
 
 
+BOTH_EXECUTORS_SCRIPT = """
+import json, os, sys
+queue, pairs, flags = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+os.environ["FERRY_QUEUE"] = queue  # the Celery app reads its broker from here
+from producer.cli import build_parser
+from producer.copy_cmd import copy_options, engine_context
+from producer.distributed import job_options
+from producer.options import BOOL_FLAGS, normalize_argv
+from worker.celery_executor import CeleryExecutor
+from worker.engine.copy import CopyJob, build_plan
+from worker.engine.executor import EmbeddedExecutor
+from worker.engine.transports import ImageName
+from worker.state import SharedState, connect
+
+BOOL_FLAGS.add("--tls-verify")
+args = build_parser().parse_args(normalize_argv(["copy", *flags, pairs[0][0], pairs[0][1]]))
+ctx = engine_context(args)
+out = []
+try:
+    executors = [EmbeddedExecutor(ctx), CeleryExecutor(SharedState(connect(queue)), options=job_options(args))]
+    for executor, (src, dst) in zip(executors, pairs):
+        plan, _ = build_plan(ctx, [CopyJob(ImageName.parse(src), ImageName.parse(dst))], copy_options(args))
+        report = executor.run(plan)  # one interface: a plan in, a Report out
+        images = [[i.source, i.destination, i.status.value, i.digest] for i in report.images]
+        blobs = report.blobs_transferred + report.blobs_mounted + report.blobs_skipped
+        out.append({"ok": report.ok, "images": images, "blobs": blobs})
+finally:
+    ctx.close()
+print(json.dumps(out))
+"""
+
+
+def test_both_executors_run_a_plan_behind_one_interface(
+    workers: Workers, registry: RegistryServer, registry2: RegistryServer, queue: str, producer_env: dict[str, str]
+) -> None:
+    """``EmbeddedExecutor.run(plan)`` and ``CeleryExecutor.run(plan)`` take the same plan type and give the same
+    ``Report``: the Celery one makes the plan a job, waits for real workers to end it and reads it back."""
+    token = uuid.uuid4().hex[:8]
+    img = build_image(f"dist-iface-{token}", layers=[64 << 10, 32 << 10])
+    repo = f"test/dist-iface-{token}"
+    push_image(registry.url, repo, "v1", img)
+    src = f"docker://{registry.host}/{repo}:v1"
+    dest_repos = [f"{repo}/{side}" for side in ("here", "workers")]
+    pairs = [(src, f"docker://{registry2.host}/{d}:v1") for d in dest_repos]
+    proc = subprocess.run(
+        [sys.executable, "-c", BOTH_EXECUTORS_SCRIPT, queue, json.dumps(pairs), json.dumps(list(INSECURE))],
+        capture_output=True,
+        text=True,
+        timeout=JOB_TIMEOUT,
+        env={**producer_env, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}\n{workers.logs()}"
+    here, queued = json.loads(proc.stdout.strip().splitlines()[-1])
+    for report, (source, destination), dest_repo in zip((here, queued), pairs, dest_repos, strict=True):
+        assert report["ok"] and report["blobs"] == 3, f"{report}\n{workers.logs()}"
+        assert report["images"] == [[source, destination, "done", str(img.digest)]]
+        assert_copied(registry2, dest_repo, "v1", img)
+
+
 def _retries(workers: Workers, marks: list[int]) -> int:
     """Celery task retries (a task re-queueing itself) logged by the workers since ``marks``."""
     return sum(w.log()[m:].count("retry: Retry in") for w, m in zip(workers.procs, marks, strict=True))

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from worker.engine.executor import ImageOutcome, Report
+from worker.engine.executor import ImageOutcome, PlanFeed, Report
 from worker.engine.plan import BlobStep, ImagePlan, Plan
 from worker.engine.status import BlobAction, BlobStatus, ImageStatus, JobState
 from worker.registry import InvalidInput
@@ -55,12 +56,39 @@ def check_plan(plan: Plan) -> None:
 
 
 class CeleryExecutor:
-    """The executor on workers: ``submit`` makes a plan a job and sends its tasks. Once the job has ended,
-    ``job_report`` reads its outcome as the embedded executor's ``Report``, so the pipeline's after-run stages
-    (``pipeline.finish_sync``) take either."""
+    """The executor on workers, behind the embedded executor's interface (``executor.Executor``): ``run``
+    makes a plan one job, waits for it to end, and reads it back as the same ``Report``
+    (``job_report``), so the pipeline's after-run stages (``pipeline.finish_sync``) take either.
 
-    def __init__(self, state: SharedState) -> None:
+    The CLI uses the two halves apart: ``submit`` (make the job, send its tasks), then its own display of the
+    job (``ferry ... --queue --wait``), because there Ctrl-C means "stop enqueueing" while tasks are sent and
+    "stop following" after.
+    """
+
+    def __init__(
+        self, state: SharedState, *, kind: str = "copy", options: dict[str, Any] | None = None, poll: float = 0.5
+    ) -> None:
         self.state = state
+        #: what ``run`` makes its jobs: their kind, and what workers need beyond the plan (never credentials)
+        self.kind = kind
+        self.options = dict(options or {})
+        self.poll = poll
+
+    def run(self, plan: Plan, feed: PlanFeed | None = None) -> Report:
+        """Run ``plan`` on workers: one job, followed until it ends (every job ends: done, failed or cancelled),
+        read back as a ``Report``.
+
+        A job is made of the whole plan at once, so images cannot be fed to it while it runs (``feed``).
+        """
+        if feed is not None:
+            raise InvalidInput("the Celery executor needs the whole plan first: a job is made of it")
+        started = time.monotonic()
+        job_id = self.submit(plan, self.kind, self.options).job_id
+        while not self.state.jobs.glance(job_id)[0].ended:
+            time.sleep(self.poll)
+        report = job_report(job_summary(self.state, job_id))
+        report.seconds = time.monotonic() - started
+        return report
 
     def submit(
         self,

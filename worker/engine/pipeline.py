@@ -5,11 +5,12 @@ on the embedded executor, or the Celery executor on workers), then ``finish_sync
 digest became (the digest memo), delete stale tags, verify. The embedded ``sync`` can also run its stages at
 once (``sync_streaming``): the executor starts on the first planned image.
 
-Two executors run a plan: ``EmbeddedExecutor`` on threads in this process (``executor.Executor``:
-``run(plan, feed) -> Report``), and ``CeleryExecutor`` (``worker/celery_executor.py``) on workers through Redis,
-whose job outcome reads back as the same ``Report`` (``celery_executor.job_report``). The stages before and after the
-run are these functions for both. The engine never imports the Celery side or the CLI: the CLI (``producer/``)
-parses flags, builds the request, picks an executor, hands it in, and prints what comes back.
+Two executors run a plan behind one interface (``executor.Executor``: ``run(plan, feed) -> Report``):
+``EmbeddedExecutor`` on threads in this process, and ``CeleryExecutor`` (``worker/celery_executor.py``) on
+workers through Redis, whose job reads back as the same ``Report`` (``celery_executor.job_report``). The
+stages before and after the run are these functions for both. The engine never imports the Celery side or
+the CLI: the CLI (``producer/``) parses flags, builds the request, picks an executor, hands it in, and prints
+what comes back.
 """
 
 from __future__ import annotations
