@@ -17,6 +17,9 @@ from typing import Any
 # (Celery needs click): a tenth of a second of CPU at every start of ferry, for a CLI ferry never calls.
 # A None entry makes that import fail, and httpx then goes without it (its __init__ expects an ImportError).
 sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+# tenacity likewise imports tornado when it is installed (Flower brings it), and with it asyncio, logging.handlers
+# and more: a few hundredths of a second at every start, for tornado support ferry never uses.
+sys.modules.setdefault("tornado", None)  # type: ignore[arg-type]
 
 from worker.registry import FerryError, InvalidInput, NotFound  # noqa: E402
 

@@ -25,7 +25,6 @@ from worker.registry import (
     store_login,
 )
 
-from .gotemplate import GoStruct, GoTime, render_inspect
 from .options import side_config
 
 
@@ -70,6 +69,8 @@ def inspect(args: argparse.Namespace) -> int:
                 # skopeo lists them at the name as given (not at a registries.conf mirror or rewrite)
                 out["RepoTags"] = open_repository(name, side, pool).list_tags()
             if args.format:
+                from .gotemplate import GoStruct, GoTime, render_inspect  # only here: not every start pays for it
+
                 data = GoStruct(out)
                 if isinstance(out.get("Created"), str):
                     data["Created"] = GoTime(out["Created"])

@@ -498,8 +498,8 @@ def test_mounts_of_a_shared_layer_wait_for_its_upload_without_requeueing(
     state: SharedState,
 ) -> None:
     """The steps that mount a layer another step uploads wait in Redis until that upload ends, then are sent
-    once: no task re-queues itself to wait, and no mount is tried before the blob is there. One of them
-    also holds a second tag of the first repository: it needs no request at all."""
+    once: no task re-queues itself to wait, and no mount is tried before the blob is there. A second tag of
+    the first repository shares that repository's steps: it adds no step and no request."""
     token = uuid.uuid4().hex[:8]
     shared = make_layer(f"dist-wait-{token}", 3 << 20)
     images = [build_image(f"dist-wait-{token}-{i}", layers=[shared, 16 << 10]) for i in range(6)]
@@ -521,18 +521,53 @@ def test_mounts_of_a_shared_layer_wait_for_its_upload_without_requeueing(
     assert len(uploads_of(log, shared_digest)) == 1
     mounts = mounts_of(log, shared_digest)
     assert len(mounts) == 5 and all(e.status == 201 for e in mounts), "every mount works the first time"
-    # v2 of the first repository: its blobs are there once v1's steps are done; not even a HEAD is sent
+    # v2 of the first repository: v1's steps are its steps; not even a HEAD is sent for it
     heads = [e for e in log if e.method == "HEAD" and shared_digest in e.path and f"/{repos[0]}/" in e.path]
     assert len(heads) <= 1, heads
     records = blob_records(state, job)
     mine = [b for b in records.values() if b["digest"] == shared_digest]
-    assert len(mine) == 7 and all(b["status"] == "done" for b in mine)
-    assert sorted(b["action"] for b in mine) == ["mounted"] * 5 + ["skipped", "transferred"]
+    assert len(mine) == 6 and all(b["status"] == "done" for b in mine)
+    assert sorted(b["action"] for b in mine) == ["mounted"] * 5 + ["transferred"]
     # only the upload made a transfer attempt
     assert sum(b["attempts"] for b in mine) == 1
     for repo, img in zip(repos, images, strict=True):
         assert_copied(registry2, repo, "v1", img)
     assert_copied(registry2, repos[0], "v2", images[0])
+
+
+def test_tags_of_one_repository_share_one_task_per_layer(
+    workers: Workers,
+    registry: RegistryServer,
+    registry2: RegistryServer,
+    queue: str,
+    producer_env: dict[str, str],
+    state: SharedState,
+) -> None:
+    token = uuid.uuid4().hex[:8]
+    shared = make_layer(f"dist-tags-{token}", 256 << 10)
+    base = f"test/dist-tags-{token}"
+    pairs_of = [("a", "v1"), ("b", "v1"), ("b", "v2"), ("b", "v3")]
+    images = {(r, t): build_image(f"dist-tags-{token}-{r}{t}", layers=[shared, 8 << 10]) for r, t in pairs_of}
+    for (repo, tag), img in images.items():
+        push_image(registry.url, f"{base}/{repo}", tag, img)
+    pairs = [
+        (f"docker://{registry.host}/{base}/{r}:{t}", f"docker://{registry2.host}/{base}/{r}:{t}") for r, t in pairs_of
+    ]
+
+    mark = registry2.log_mark()
+    job, _ = submit(pairs, queue, producer_env)
+    assert job_wait(job, queue, producer_env, workers) == 0, workers.logs()
+    for (repo, tag), img in images.items():
+        assert_copied(registry2, f"{base}/{repo}", tag, img)
+    log = registry2.access_log(since=mark)
+    # a's upload, then one mount into b for its three tags (one step, one task), not three
+    assert len(uploads_of(log, str(shared.digest))) == 1
+    assert [e.path for e in mounts_of(log, str(shared.digest))] == [f"/v2/{base}/b/blobs/uploads/"]
+    records = [b for b in blob_records(state, job).values() if b.get("digest") == str(shared.digest)]
+    assert len(records) == 2
+    status = job_status(job, queue, producer_env)
+    assert [i["status"] for i in status["images"]] == ["done"] * 4
+    assert status["blobs_total"] == 2 + 4 * 2  # the shared layer twice (a, b), each image's own layer and config
 
 
 def test_many_mounts_of_a_digest_busy_elsewhere_still_finish(

@@ -224,6 +224,35 @@ def test_shared_layer_two_repos_same_registry_one_transfer_one_mount() -> None:
     assert plan.step_images()[mount.id] == ["i2"]
 
 
+def test_tags_of_one_repository_share_one_step_per_blob() -> None:
+    shared = make_layer("plan/repo-shared", 512)
+    a = build_image("plan/repo-a", layers=[shared])
+    bs = [build_image(f"plan/repo-b{n}", layers=[shared, 64 + n]) for n in range(3)]
+    rs = [resolved(a, f"docker://{REG}/team/a:1", source="docker://src.test/a:1")]
+    rs += [resolved(b, f"docker://{REG}/team/b:{n}", source=f"docker://src.test/b:{n}") for n, b in enumerate(bs)]
+    plan = plan_copy(rs, CopyOptions())
+    check_topological(plan)
+    steps = [s for s in plan.blob_steps if s.digest == shared.digest]
+    # a's transfer and one mount into team/b, which every tag of team/b waits for (no mount per tag)
+    assert len(steps) == 2
+    transfer, mount = steps
+    assert transfer.mount_from is None and mount.mount_from == "team/a" and mount.deps == (transfer.id,)
+    assert plan.step_images()[mount.id] == ["i2", "i3", "i4"]
+    for r in rs[1:]:
+        assert mount.id in all_deps(plan, top_step(plan, r.destination).id)
+    # the same through the JSON a queued job stores: the step is still one, listed by each image
+    back = Plan.from_json(json.loads(json.dumps(plan.to_json())))
+    assert back.step_images()[mount.id] == ["i2", "i3", "i4"]
+
+
+def test_other_local_destinations_keep_a_step_each() -> None:
+    img = build_image("plan/dirs", layers=[128])
+    rs = [resolved(img, f"dir:/tmp/x{n}", info=DestinationInfo(store=f"dir:/tmp/x{n}")) for n in (1, 2)]
+    plan = plan_copy(rs, CopyOptions())
+    # two directories are two stores: each gets its own blobs
+    assert len(plan.blob_steps) == 4
+
+
 def test_shared_layer_other_registries_are_independent_transfers() -> None:
     shared = make_layer("plan/shared2", 512)
     a = build_image("plan/a2", layers=[shared])

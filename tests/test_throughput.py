@@ -23,13 +23,14 @@ import httpx
 import pytest
 
 from producer.progress import LiveProgress
+from tests.conftest import RegistryFactory
 from tests.harness.images import build_image, make_layer, push_image
 from tests.harness.servers import RegistryServer
 from worker.engine.copy import CopyJob, build_plan
 from worker.engine.executor import EmbeddedExecutor, ImageOutcome, PlanFeed, Report
 from worker.engine.plan import BlobStep, CopyOptions, ImagePlan, Plan
 from worker.engine.steps import BlobResult, EngineContext, HostSlots, MemoryBlobLocations
-from worker.engine.sync import SyncItem, SyncOutcome, SyncRequest, discover, sync_pipelined
+from worker.engine.sync import SyncItem, SyncOutcome, SyncRequest, check, discover, sync_pipelined
 from worker.engine.transports import ImageName, SideConfig
 from worker.registry import (
     ClientOptions,
@@ -42,6 +43,7 @@ from worker.registry import (
 )
 
 BLOB_TYPE = "application/octet-stream"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -123,11 +125,15 @@ class Lying(httpx.BaseTransport):
         self.left = [n for _m, _p, n in rules]
         self.lock = threading.Lock()
         self.seen: Counter[tuple[str, str]] = Counter()
+        #: cross-repository mounts (POST ...?mount=) per path
+        self.mounts: Counter[str] = Counter()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
         with self.lock:
             self.seen[(request.method, path)] += 1
+            if request.method == "POST" and b"mount=" in request.url.query:
+                self.mounts[path] += 1
             for i, (method, rx) in enumerate(self.rules):
                 if request.method == method and rx.search(path) and self.left[i] != 0:
                     self.left[i] -= 1
@@ -331,6 +337,84 @@ def test_discover_lists_in_parallel_and_keeps_file_order(
     assert set(disc.tag_lists) == {f"{registry.host}/{r}" for r in repos}
 
 
+class Meeting(httpx.BaseTransport):
+    """Forwards to a real registry. A request matching ``wait_for`` is held until ``met`` is set (at most 10 s);
+    a request matching ``signal`` sets it. Records whether each held request met the other in time."""
+
+    def __init__(self, met: threading.Event, *, wait_for: str | None = None, signal: str | None = None) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.met = met
+        self.wait_for = re.compile(wait_for) if wait_for else None
+        self.signal = re.compile(signal) if signal else None
+        self.in_time: list[bool] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        line = f"{request.method} {request.url.path}"
+        if self.signal is not None and self.signal.search(line):
+            self.met.set()
+        if self.wait_for is not None and self.wait_for.search(line):
+            self.in_time.append(self.met.wait(10))
+        return self.inner.handle_request(request)
+
+
+def test_check_sends_both_heads_at_once(
+    registry: RegistryServer, registry2: RegistryServer, unique_repo: str, tmp_path: Path
+) -> None:
+    image = build_image(f"heads-{unique_repo}", layers=[700], fmt="oci")
+    push_image(registry.url, unique_repo, "v1", image)
+    yaml_file = tmp_path / "sync.yaml"
+    yaml_file.write_text(f"{registry.host}:\n  tls-verify: false\n  images:\n    {unique_repo}: []\n")
+    met = threading.Event()
+    # the source's HEAD is answered only once the destination's HEAD has arrived: one after the other would stall
+    source = Meeting(met, wait_for=r"^HEAD /v2/.*/manifests/v1$")
+    dest = Meeting(met, signal=r"^HEAD /v2/.*/manifests/v1$")
+    ctx = EngineContext(
+        source_side=SideConfig(tls_verify=False, transport=source),
+        dest_side=SideConfig(tls_verify=False, transport=dest),
+        locations=MemoryBlobLocations(),
+    )
+    req = SyncRequest("yaml", str(yaml_file), "docker", f"{registry2.host}/{unique_repo}-h", CopyOptions())
+    try:
+        disc = discover(ctx, req)
+        checked = check(ctx, disc.items, req, None, tag_lists=disc.tag_lists)
+    finally:
+        ctx.close()
+    assert source.in_time == [True]
+    (changed,) = checked.changed
+    assert str(changed.destination).startswith(f"docker://{registry2.host}/{unique_repo}-h/")
+
+
+def test_pipelined_sync_reaches_the_destination_during_discovery(
+    registry: RegistryServer, registry_factory: RegistryFactory, unique_repo: str, tmp_path: Path
+) -> None:
+    registry2 = registry_factory()  # a host this process has not reached yet: its first request is the probe
+    push_image(registry.url, unique_repo, "v1", build_image(f"reach-{unique_repo}", layers=[600], fmt="oci"))
+    yaml_file = tmp_path / "sync.yaml"
+    yaml_file.write_text(f"{registry.host}:\n  tls-verify: false\n  images:\n    {unique_repo}: []\n")
+    met = threading.Event()
+    # the tag list is answered only once the destination has been asked for /v2/: after it, that would stall
+    source = Meeting(met, wait_for=r"^GET /v2/.*/tags/list$")
+    dest = Meeting(met, signal=r"^GET /v2/$")
+    ctx = EngineContext(
+        source_side=SideConfig(tls_verify=False, transport=source),
+        dest_side=SideConfig(tls_verify=False, transport=dest),
+        locations=MemoryBlobLocations(),
+    )
+    req = SyncRequest("yaml", str(yaml_file), "docker", f"{registry2.host}/{unique_repo}-r", CopyOptions())
+    feed = PlanFeed()
+    produced: dict[str, SyncOutcome] = {}
+    producer = threading.Thread(target=lambda: produced.update(out=sync_pipelined(ctx, req, None, feed, parallel=4)))
+    producer.start()
+    try:
+        report = EmbeddedExecutor(ctx, parallel=4).run(Plan(), feed)
+    finally:
+        feed.close()
+        producer.join()
+        ctx.close()
+    assert source.in_time == [True]
+    assert report.ok and [i.status.value for i in report.images] == ["done"]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # per-host caps
 
@@ -430,10 +514,51 @@ def test_no_request_for_a_blob_the_plan_already_put_in_the_repository(
         report = EmbeddedExecutor(ctx, parallel=4).run(plan)
     finally:
         ctx.close()
-    assert report.ok and report.blobs_transferred == 7 and report.blobs_skipped == 2
-    # the shared layer: one HEAD and one upload for the first tag; nothing at all for the other two
+    # the shared layer is one step of the three images (a repository is one blob store): one HEAD, one upload
+    assert [s.digest for s in plan.blob_steps].count(shared.digest) == 1
+    assert report.ok and report.blobs_transferred == 7 and report.blobs_skipped == 0
     assert counting.count("HEAD", f"/blobs/{shared.digest}$") == 1
     assert counting.count("PUT", r"/blobs/uploads/") == 7
+
+
+def test_one_mount_per_repository_for_a_layer_another_repository_brings(
+    registry: RegistryServer, registry2: RegistryServer, unique_repo: str
+) -> None:
+    shared = make_layer(f"mount-{unique_repo}", 3000)
+    pairs = [("a", "1"), ("b", "1"), ("b", "2"), ("b", "3"), ("c", "1"), ("c", "2")]
+    for repo, tag in pairs:
+        image = build_image(f"{unique_repo}-{repo}{tag}", layers=[shared, 400], fmt="oci")
+        push_image(registry.url, f"{unique_repo}/{repo}", tag, image)
+    counting = Lying([])
+    ctx = EngineContext(
+        source_side=SideConfig(tls_verify=False),
+        dest_side=SideConfig(tls_verify=False, transport=counting),
+        locations=MemoryBlobLocations(),
+    )
+    jobs = [
+        CopyJob(
+            ImageName.parse(f"docker://{registry.host}/{unique_repo}/{repo}:{tag}"),
+            ImageName.parse(f"docker://{registry2.host}/{unique_repo}-m/{repo}:{tag}"),
+        )
+        for repo, tag in pairs
+    ]
+    try:
+        plan, _ = build_plan(ctx, jobs, CopyOptions())
+        report = EmbeddedExecutor(ctx, parallel=4).run(plan)
+    finally:
+        ctx.close()
+    assert report.ok and report.blobs_mounted == 2
+    shared_steps = [s for s in plan.blob_steps if s.digest == shared.digest]
+    # one step per repository, each shared by that repository's images: a's upload, one mount into b and into c
+    assert len(shared_steps) == 3 and sorted(len(plan.step_images()[s.id]) for s in shared_steps) == [1, 2, 3]
+    assert counting.mounts == Counter(
+        {f"/v2/{unique_repo}-m/b/blobs/uploads/": 1, f"/v2/{unique_repo}-m/c/blobs/uploads/": 1}
+    )
+    assert counting.count("HEAD", f"/blobs/{shared.digest}$") == 1  # a's check; a mount needs none
+    with httpx.Client(base_url=registry2.url) as c:
+        for repo, tag in pairs:
+            resp = c.head(f"/v2/{unique_repo}-m/{repo}/manifests/{tag}", headers={"Accept": OCI_MANIFEST})
+            assert resp.status_code == 200
 
 
 # --------------------------------------------------------------------------------------------------------------------

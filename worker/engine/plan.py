@@ -558,7 +558,8 @@ class _Builder:
         self.plan = Plan()
         #: (store, digest) -> id of the step that first puts it there
         self.first: dict[tuple[str, str], BlobStep] = {}
-        #: (destination, digest) -> step id, for a blob already planned for that exact destination
+        #: (where, digest) -> step id, for a blob already planned for that place: a registry repository (every
+        #: tag of it shares one blob store, so one step serves them all), else the exact destination
         self.per_dest: dict[tuple[str, str], str] = {}
         self.manifests: dict[tuple[str, str, str | None], str] = {}
         self.counter = 0
@@ -568,7 +569,8 @@ class _Builder:
         return f"{prefix}{self.counter}"
 
     def blob(self, r: ResolvedImage, desc: Descriptor) -> str:
-        key_dest = (r.destination, str(desc.digest))
+        where = f"{r.dest_info.store}/{r.dest_info.repository}" if r.dest_info.is_registry else r.destination
+        key_dest = (where, str(desc.digest))
         if key_dest in self.per_dest:
             return self.per_dest[key_dest]
         store_key = (r.dest_info.store, str(desc.digest))

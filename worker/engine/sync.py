@@ -21,7 +21,7 @@ import posixpath
 import re
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from .plan import CopyOptions, Planner, ResolvedImage, resolve_image
 from .semver import Constraint, Version
 from .steps import EngineContext
 from .syncfile import CatalogSpec, read_sync_file
-from .transports import ImageName, SideConfig, open_repository
+from .transports import ImageDestination, ImageName, SideConfig, open_destination, open_repository
 
 log = logging.getLogger("ferry.sync")
 
@@ -190,6 +190,8 @@ class Discovery:
     tasks: Tasks | None = None
     #: called with (order, item) for every image found; default: ``items`` in order
     emit: Callable[[int, SyncItem], None] | None = None
+    #: run as a task beside the first listing (once the request has been read and found valid)
+    beside_first_listing: Callable[[], None] | None = None
     _order: int = 0
     _found: list[tuple[int, SyncItem]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -208,6 +210,10 @@ class Discovery:
 
     def run(self, fn: Callable[[], None]) -> None:
         if self.tasks is not None:
+            with self._lock:
+                beside, self.beside_first_listing = self.beside_first_listing, None
+            if beside is not None:
+                self.tasks.spawn(beside)
             self.tasks.spawn(fn)
         else:
             fn()
@@ -479,19 +485,33 @@ class Checked:
     extras: list[SyncItem]
 
 
+def _dest_head(dest: ImageDestination) -> Descriptor | None:
+    try:
+        return dest.head_manifest(None)
+    except NotFound:
+        return None
+
+
 def check_one(
-    ctx: EngineContext, item: SyncItem, req: SyncRequest, memo: Any, tag_lists: dict[str, list[str]]
+    ctx: EngineContext,
+    item: SyncItem,
+    req: SyncRequest,
+    memo: Any,
+    tag_lists: dict[str, list[str]],
+    heads: Executor | None = None,
 ) -> Checked:
-    """HEAD the source and the destination; find the image's signatures and referrers."""
+    """HEAD the source and the destination; find the image's signatures and referrers.
+
+    With ``heads`` (a pool that runs nothing but these HEADs, so waiting on it cannot deadlock), a registry
+    destination's HEAD is sent on it while this thread sends the source's: one round trip, not two.
+    """
     src = ctx.source(str(item.source))
+    dest = ctx.destination(str(item.destination))
+    pending = heads.submit(_dest_head, dest) if heads is not None and item.destination.reference else None
     src_desc = src.head_manifest(None)
     if src_desc is None:
         raise NotFound(f"{item.source}: manifest unknown", status=404)
-    dest = ctx.destination(str(item.destination))
-    try:
-        dest_desc = dest.head_manifest(None)
-    except NotFound:
-        dest_desc = None
+    dest_desc = pending.result() if pending is not None else _dest_head(dest)
     extras = [] if req.remove_signatures or item.extra else _extras(ctx, item, src_desc, req, tag_lists)
     src_digest = str(src_desc.digest)
     expected = {src_digest}
@@ -526,7 +546,10 @@ def check(
     result = CheckResult()
     lists = tag_lists if tag_lists is not None else {}
 
-    with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="ferry-check") as pool:
+    with (
+        ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="ferry-check") as pool,
+        ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="ferry-head") as heads,
+    ):
         pending = list(items)
         seen: set[str] = set()
         while pending:
@@ -537,7 +560,7 @@ def check(
                 if str(it.destination) in seen:
                     continue
                 seen.add(str(it.destination))
-                futures.append((it, pool.submit(check_one, ctx, it, req, memo, lists)))
+                futures.append((it, pool.submit(check_one, ctx, it, req, memo, lists, heads)))
             for it, fut in futures:
                 try:
                     c = fut.result()
@@ -582,6 +605,7 @@ def sync_pipelined(
     whatever happens.
     """
     tasks = Tasks(parallel)
+    heads = ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="ferry-head")
     disc = Discovery(tasks=tasks)
     out = SyncOutcome(disc, CheckResult())
     planner = Planner(req.options)
@@ -624,7 +648,7 @@ def sync_pipelined(
         if feed.closed:
             return
         try:
-            c = check_one(ctx, item, req, memo, disc.tag_lists)
+            c = check_one(ctx, item, req, memo, disc.tag_lists, heads)
         except FerryError as exc:
             failed(item, exc, out.checked.failed)
             return
@@ -653,9 +677,13 @@ def sync_pipelined(
     disc.emit = emit
     try:
         try:
+            if req.dest_kind == "docker":
+                # the destination's first round trip (scheme probe, connection) overlaps the tag lists, not a check
+                disc.beside_first_listing = lambda: _reach_destination(ctx, req)
             discover_into(ctx, req, disc)
         finally:
             tasks.join()
+            heads.shutdown(wait=True)
     finally:
         feed.finish()
     found.sort(key=lambda pair: pair[0])
@@ -663,6 +691,18 @@ def sync_pipelined(
     if req.source_kind == "docker" and not disc.items:
         raise InvalidInput(f"no images to sync found in {req.source!r}")
     return out
+
+
+def _reach_destination(ctx: EngineContext, req: SyncRequest) -> None:
+    """Open the destination registry's client and learn its base URL (one ``/v2/`` round trip) right away."""
+    try:
+        name = destination_for("ferry", req)
+        dest = open_destination(name, ctx.dest_side, ctx.pool)
+        client = getattr(dest, "client", None)
+        if client is not None:
+            client.base_url  # noqa: B018 - the probe is the point
+    except FerryError as exc:
+        log.debug("reaching the destination early failed (the first check will say why): %s", exc)
 
 
 def _options_key(options: CopyOptions) -> str:
