@@ -556,12 +556,17 @@ def test_preserve_digests_refuses_conversion() -> None:
         plan_copy([resolved(idx)], CopyOptions(multi_arch="all", format="oci", preserve_digests=True))
 
 
-def test_preserve_digests_refuses_forced_conversion() -> None:
+def test_preserve_digests_keeps_a_manifest_the_destination_would_convert() -> None:
+    """As containers/image when it may not modify the manifest: a Docker manifest goes into an OCI layout as it is
+    (skopeo does the same; tests/test_skopeo_matrix.py compares the layouts)."""
     img = build_image("plan/preserve-forced", fmt="v2s2")
     dest = "oci:/tmp/plan-layout2:app"
     info = DestinationInfo.of(ImageName.parse(dest), OCILayoutDestination("/tmp/plan-layout2", "app"))
-    with pytest.raises(InvalidInput, match="--preserve-digests"):
-        plan_copy([resolved(img, dest, info=info)], CopyOptions(preserve_digests=True))
+    plan = plan_copy([resolved(img, dest, info=info)], CopyOptions(preserve_digests=True))
+    assert top_step(plan).raw == img.manifest
+    # without --preserve-digests the layout gets an OCI manifest
+    plan = plan_copy([resolved(img, dest, info=info)], CopyOptions())
+    assert top_step(plan).raw != img.manifest
 
 
 def test_preserve_digests_refuses_platform_subset() -> None:

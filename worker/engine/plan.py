@@ -545,6 +545,10 @@ def _target_format(media_type: str, options: CopyOptions, info: DestinationInfo)
     """``"oci"``/``"v2s2"`` when the manifest must be converted, else ``None``."""
     want = options.format
     if want is None and info.supported_types is not None and media_type not in info.supported_types:
+        if options.preserve_digests:
+            # containers/image, when it may not modify the manifest: no conversion, the manifest goes as it is
+            # ("hoping for the best": an OCI layout stores a Docker manifest; skopeo does the same)
+            return None
         want = "oci" if media_type in V2S2_TYPES else "v2s2"
     if want == "oci" and media_type in V2S2_TYPES:
         return "oci"
