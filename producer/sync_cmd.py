@@ -189,19 +189,22 @@ def _sync_queued(
     )
     if args.wait:
         # images already there are not in the job: reported here, as the embedded sync reports them
-        for item, digest in run.checked.unchanged:
-            log.image_finished(
-                ImageOutcome("", str(item.source), str(item.destination), ImageStatus.UP_TO_DATE, digest)
-            )
-            if skopeo_lines.wanted(quiet):
-                print("Skipping: image already present at destination")
-            if not quiet:
-                print(f"Skipped {item.source} -> {item.destination}: already up to date ({digest})")
+        _print_unchanged(pipeline.unchanged_outcomes(run), log, quiet)
         log.finish()
     # images that failed before the job (reading the source, --keep-going) are not in it: say so here
     for f in run.failures:
         print(f"Error: {f.source} -> {f.destination}: {f.error}", file=sys.stderr)
     return code or (1 if run.failures or (verified and not verified[0].ok) else 0)
+
+
+def _print_unchanged(outcomes: list[ImageOutcome], log: skopeo_lines.SyncLog | None, quiet: bool) -> None:
+    for outcome in outcomes:
+        if log is not None:
+            log.image_finished(outcome)
+        if not quiet:
+            if skopeo_lines.wanted(quiet):
+                print("Skipping: image already present at destination")
+            print(f"Skipped {outcome.source} -> {outcome.destination}: already up to date ({outcome.digest})")
 
 
 def _print_kept(kept: list[Deletion]) -> None:
@@ -223,13 +226,7 @@ def _finish(
     from .lifecycle_cmd import print_verify
 
     quiet = args.quiet
-    for outcome in pipeline.add_unrun(report, run, unchanged=report_unchanged):
-        if log is not None:
-            log.image_finished(outcome)
-        if not quiet:
-            if skopeo_lines.wanted(quiet):
-                print("Skipping: image already present at destination")
-            print(f"Skipped {outcome.source} -> {outcome.destination}: already up to date ({outcome.digest})")
+    _print_unchanged(pipeline.add_unrun(report, run, unchanged=report_unchanged), log, quiet)
     done = pipeline.finish_sync(
         ctx,
         run,

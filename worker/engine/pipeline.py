@@ -225,15 +225,20 @@ def sign_report(ctx: EngineContext, plan: Plan, report: Report, signer: Signer) 
             outcome.error = f"signing failed: {' '.join(str(exc).split())}"
 
 
+def unchanged_outcomes(run: SyncRun) -> list[ImageOutcome]:
+    """The images the check found already there, which no executor runs, as up-to-date outcomes."""
+    return [
+        ImageOutcome("", str(item.source), str(item.destination), ImageStatus.UP_TO_DATE, digest)
+        for item, digest in run.checked.unchanged
+    ]
+
+
 def add_unrun(report: Report, run: SyncRun, *, unchanged: bool = True) -> list[ImageOutcome]:
     """Put the images no executor ran into ``report``: unchanged ones (up to date) and failures before the run.
 
     Returns the unchanged outcomes added (the CLI prints a line for each)."""
-    added = []
-    for item, digest in run.checked.unchanged if unchanged else []:
-        outcome = ImageOutcome("", str(item.source), str(item.destination), ImageStatus.UP_TO_DATE, digest)
-        report.images.append(outcome)
-        added.append(outcome)
+    added = unchanged_outcomes(run) if unchanged else []
+    report.images += added
     for f in run.failures:
         report.images.append(ImageOutcome("", f.source, f.destination, ImageStatus.FAILED, error=f.error))
     return added
@@ -304,4 +309,5 @@ __all__ = [
     "sign_report",
     "stop_unless_keep_going",
     "sync_streaming",
+    "unchanged_outcomes",
 ]
