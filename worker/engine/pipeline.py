@@ -197,10 +197,11 @@ def sync_streaming(
 def run_plan(
     ctx: EngineContext, executor: Executor, plan: Plan, *, feed: PlanFeed | None = None, signer: Signer | None = None
 ) -> Report:
-    """Run ``plan`` on an in-process executor; sign what it wrote (``signer``); write archives once all is done.
+    """Run ``plan`` on the embedded executor, then sign what it wrote (``signer``; workers sign in their
+    finalizers instead). A signing failure fails its image.
 
-    A signing failure fails its image. The caller wraps this in its cancellation (signals, deadline), and then
-    commits archives and ``dir:`` (``ctx.commit()``) only when every image succeeded.
+    The caller wraps this in its cancellation (signals, deadline), and then commits archives and ``dir:``
+    (``ctx.commit()``) only when every image succeeded.
     """
     report = executor.run(plan, feed)
     if signer is not None and not report.cancelled:
