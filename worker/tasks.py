@@ -398,7 +398,7 @@ def _copy_blob(
 ) -> dict[str, Any]:
     state = _state()
     jobs = state.jobs
-    cancelled, current = jobs.blob_begin(job_id, step.id)
+    cancelled, current, running = jobs.blob_begin(job_id, step.id, image_ids)
     if cancelled:
         return {"digest": str(step.digest), "action": "cancelled"}
     if current.status == BlobStatus.DONE:
@@ -409,7 +409,7 @@ def _copy_blob(
         if waited_on:
             _release_waiting(job_id, step.id, jobs.blob_done(job_id, step.id, current, [], True)[1], True)
         return {"digest": str(step.digest), "action": current.action or "done", "bytes": 0}
-    _start_images(job_id, image_ids)
+    _start_images(job_id, [i for i in image_ids if i not in running])
     ctx = _context(job_id, step)
     try:
         # no lock to skip or mount: only an upload must be the only one of its digest to its registry

@@ -36,6 +36,10 @@ local rec = cjson.decode(raw)
 local old = rec['status']
 local ended = {['done']=true, ['up-to-date']=true, ['failed']=true, ['cancelled']=true}
 local mode = ARGV[3]
+if mode == 'start' and KEYS[4] then
+  -- blob tasks read this flag with their own state, and leave the image alone from then on
+  redis.call('hset', KEYS[4], '_run:' .. ARGV[1], '1')
+end
 if (mode == 'unended' and ended[old]) or (mode == 'start' and old ~= 'pending' and old ~= 'queued') then
   return {0, raw, old or '', ''}
 end
@@ -438,10 +442,13 @@ class JobStore:
 
     # -- what a blob task reads and writes ---------------------------------------------------------------------------
 
-    def blob_begin(self, job_id: str, step_id: str) -> tuple[bool, BlobState]:
-        """One command at a blob task's start: is the job cancelled, and the blob's state."""
-        raw, cancelled = cast(list[str | None], self.r.hmget(k.job(job_id, ":blob_state"), [step_id, CANCEL_FIELD]))
-        return bool(cancelled), BlobState.parse(raw)
+    def blob_begin(self, job_id: str, step_id: str, image_ids: Iterable[str] = ()) -> tuple[bool, BlobState, set[str]]:
+        """One command at a blob task's start: is the job cancelled, the blob's state, and which of
+        ``image_ids`` a task has already marked running (``start_image``)."""
+        images = list(image_ids)
+        fields = [step_id, CANCEL_FIELD, *[f"_run:{i}" for i in images]]
+        raw, cancelled, *run = cast(list[str | None], self.r.hmget(k.job(job_id, ":blob_state"), fields))
+        return bool(cancelled), BlobState.parse(raw), {i for i, flag in zip(images, run, strict=True) if flag}
 
     def set_blob(self, job_id: str, step_id: str, state: BlobState) -> None:
         self.r.hset(k.job(job_id, ":blob_state"), step_id, state.dump())
@@ -530,6 +537,8 @@ class JobStore:
 
     def _set_image(self, job_id: str, image_id: str, changes: dict[str, Any], mode: str) -> tuple[bool, ImageRecord]:
         keys = [k.job(job_id), k.job(job_id, ":images"), k.job(job_id, ":cancel")]
+        if mode == "start":
+            keys.append(k.job(job_id, ":blob_state"))
         now = time.time()
         args: list[str | float] = [image_id, json.dumps(changes), mode, now]
         changed, raw, old, job_ended = cast(list[Any], self._image_set(keys=keys, args=args))
@@ -605,6 +614,7 @@ class JobStore:
         for image_id in image_ids:
             changes = {"status": ImageStatus.PENDING.value, "error": "", "enqueued": False}
             self._set_image(job_id, image_id, changes, "any")
+            self.r.hdel(k.job(job_id, ":blob_state"), f"_run:{image_id}")
             mine = self.image_blob_ids(job_id, image_id)
             redo = [sid for sid in mine if BlobState.parse(states.get(sid)).status != BlobStatus.DONE]
             if redo:
