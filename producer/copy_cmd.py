@@ -278,7 +278,8 @@ def run_embedded(
     image succeeded."""
     progress: Any = make_progress(quiet)
     if skopeo_lines.wanted(quiet):
-        progress = skopeo_lines.Tee(skopeo_lines.SkopeoLines(plan), progress)
+        signatures = not getattr(args, "remove_signatures", False)
+        progress = skopeo_lines.Tee(skopeo_lines.SkopeoLines(plan, signatures=signatures), progress)
     if also:
         progress = skopeo_lines.Tee(*also, progress)
     ctx.on_bytes = progress.on_bytes

@@ -172,7 +172,8 @@ def submit_plan(
 
         listeners = list(reporters)
         if skopeo_lines.wanted(quiet):
-            listeners.append(skopeo_lines.SkopeoLines(plan))
+            signatures = not getattr(args, "remove_signatures", False)
+            listeners.append(skopeo_lines.SkopeoLines(plan, signatures=signatures))
         for listener in listeners:
             listener.start(plan)
 

@@ -38,14 +38,15 @@ def _quote(value: str) -> str:
     return value if value and _BARE.match(value) else json.dumps(value)
 
 
-def image_block(raw: bytes, read_as: dict[str, str] | None = None) -> list[str]:
+def image_block(raw: bytes, read_as: dict[str, str] | None = None, *, signatures: bool = True) -> list[str]:
     """The lines skopeo prints while copying one image manifest.
 
     ``read_as``: a layer gzipped on the way is named by the digest read from the source, as containers/image does.
+    ``signatures``: false with ``--remove-signatures`` (skopeo 1.9 then gets none: no "Getting …" line).
     """
     obj = json.loads(raw)
     read_as = read_as or {}
-    lines = ["Getting image source signatures"]
+    lines = ["Getting image source signatures"] if signatures else []
     lines += [f"Copying blob {read_as.get(layer['digest'], layer['digest'])}" for layer in obj.get("layers") or []]
     if isinstance(obj.get("config"), dict):
         lines.append(f"Copying config {obj['config']['digest']}")
@@ -53,14 +54,17 @@ def image_block(raw: bytes, read_as: dict[str, str] | None = None) -> list[str]:
     return lines
 
 
-def list_block(index_raw: bytes, children: dict[str, bytes], read_as: dict[str, str] | None = None) -> list[str]:
+def list_block(
+    index_raw: bytes, children: dict[str, bytes], read_as: dict[str, str] | None = None, *, signatures: bool = True
+) -> list[str]:
     """A list: skopeo 1.9's header, each copied instance in index order, then the list itself."""
     entries = [m["digest"] for m in json.loads(index_raw).get("manifests") or []]
     copied = [d for d in entries if d in children]
-    lines = ["Getting image list signatures", f"Copying {len(copied)} of {len(entries)} images in list"]
+    lines = ["Getting image list signatures"] if signatures else []
+    lines.append(f"Copying {len(copied)} of {len(entries)} images in list")
     for n, digest in enumerate(copied, 1):
         lines.append(f"Copying image {digest} ({n}/{len(copied)})")
-        lines += image_block(children[digest], read_as)
+        lines += image_block(children[digest], read_as, signatures=signatures)
     lines += ["Writing manifest list to image destination", "Storing list signatures"]
     return lines
 
@@ -68,9 +72,11 @@ def list_block(index_raw: bytes, children: dict[str, bytes], read_as: dict[str, 
 class SkopeoLines:
     """Progress events in, skopeo's lines out (one block per finished image)."""
 
-    def __init__(self, plan: Plan, out: TextIO | None = None) -> None:
+    def __init__(self, plan: Plan, out: TextIO | None = None, *, signatures: bool = True) -> None:
         self.plan = plan
         self.out = out or sys.stdout
+        #: false with --remove-signatures: no "Getting … signatures" lines, as skopeo 1.9
+        self.signatures = signatures
         self._lock = threading.Lock()
         self._images = {img.id: img for img in plan.images}
 
@@ -108,8 +114,8 @@ class SkopeoLines:
             return ["Skipping: image already present at destination"]
         if top.media_type in INDEX_TYPES:
             children = {str(s.digest): s.raw for s in manifests if not s.top and s.tag is None}
-            return list_block(top.raw, children, read_as)
-        return image_block(top.raw, read_as)
+            return list_block(top.raw, children, read_as, signatures=self.signatures)
+        return image_block(top.raw, read_as, signatures=self.signatures)
 
     def image_finished(self, outcome: ImageOutcome) -> None:
         if not outcome.status.ok:

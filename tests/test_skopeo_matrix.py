@@ -52,6 +52,7 @@ def env(registry: RegistryServer, auth_registry: RegistryServer, tmp_path_factor
     skopeo("copy", SI, f"docker://{registry.host}/{repo}:v2s2", f"dir:{tmp}/src-dir")
     skopeo("copy", SI, f"docker://{registry.host}/{repo}:oci", f"oci:{tmp}/src-oci:app")
     skopeo("copy", SI, f"docker://{registry.host}/{repo}:v2s2", f"docker-archive:{tmp}/src.tar:app:1")
+    skopeo("copy", SI, f"docker://{registry.host}/{repo}:oci", f"oci-archive:{tmp}/src-oci.tar")
     return Env(registry.host, auth_registry.host, repo, tmp, authfile, user, password)
 
 
@@ -110,13 +111,16 @@ MATRIX: list[tuple[str, list[str], str, str]] = [
     ("inspect-index-config", ["inspect", I, "--config", "--override-arch", "arm64", "docker://{reg}/{repo}:index"], "",
      "exact"),
     ("inspect-archive-raw", ["inspect", "--raw", "docker-archive:{tmp}/src.tar"], "", "exact"),
-    ("inspect-oci-archive", ["inspect", "oci-archive:{tmp}/copy-reg-oci-archive-skopeo.tar"], "", "exact"),
+    ("inspect-oci-archive", ["inspect", "oci-archive:{tmp}/src-oci.tar"], "", "exact"),
     ("copy-all-dir", ["copy", SI, "--all", "docker://{reg}/{repo}:index", "dir:{tmp}/{case}-{tool}"],
      "dir:{tmp}/{case}-{tool}", "shape"),
     ("copy-multi-arch-index-only", ["copy", SI, DI, "--multi-arch", "index-only", "docker://{reg}/{repo}:index",
                                     "oci:{tmp}/{case}-{tool}"], "oci:{tmp}/{case}-{tool}", "shape"),
     ("copy-preserve-digests", ["copy", SI, "--preserve-digests", "docker://{reg}/{repo}:v2s2",
                                "oci:{tmp}/{case}-{tool}"], "oci:{tmp}/{case}-{tool}", "shape"),
+    ("copy-remove-signatures-all", ["copy", SI, DI, "--all", "--remove-signatures", "docker://{reg}/{repo}:index",
+                                    "docker://{reg}/{repo}-{case}-{tool}:v1"], "docker://{reg}/{repo}-{case}-{tool}:v1",
+     "shape"),
     ("copy-remove-signatures", ["copy", SI, DI, "--remove-signatures", "docker://{reg}/{repo}:v2s2",
                                 "docker://{reg}/{repo}-{case}-{tool}:v1"], "docker://{reg}/{repo}-{case}-{tool}:v1",
      "shape"),
@@ -196,6 +200,7 @@ EXIT_DIFFERENCES = {
     # skopeo >= 1.10 exits 2 for "manifest unknown"; 1.9 exits 1
     "err-missing-tag": (2, 1),
     "err-missing-repo": (2, 1),
+    "err-oci-missing-ref": (2, 1),
     # skopeo 1.9's copy prints its usage and exits 0 on a missing argument; current skopeo exits 1
     "err-missing-arg": (1, 0),
     # .LayersData: skopeo >= 1.10 (1.9 lacks it)
@@ -250,7 +255,8 @@ def test_matrix(env: Env, case: str, args: list[str], where: str, compare: str) 
     if f.returncode != 0:
         errors = [ln for ln in f.stderr.splitlines() if ln.startswith("Error: ")]
         assert len(errors) == 1 and "Traceback" not in f.stderr, f.stderr
-        assert f.stdout == s.stdout == "", (f.stdout, s.stdout)
+        # Ferry fails before writing anything (skopeo may have printed progress lines by then)
+        assert f.stdout == "", f.stdout
         return
     if case in CONFIG_KEPT:
         config = re.compile(r"^Copying config \S+", re.M)
