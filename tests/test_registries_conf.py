@@ -16,7 +16,7 @@ import redis
 from tests.harness.images import build_image, push_image
 from tests.harness.servers import RedisServer, RegistryServer
 from tests.harness.workers import start_worker
-from tests.test_skopeo_flags import both, ferry
+from tests.test_skopeo_flags import both, ferry, skopeo
 from worker.engine.registries_conf import load, registries_d
 from worker.registry import InvalidInput, Reference
 
@@ -220,6 +220,9 @@ def test_queued_sync_applies_the_producers_registries_conf(
             "--wait",
             src,
             f"{registry.host}/test/{leaf}-queued",
+        ),
+        "skopeo": skopeo(
+            "--registries-conf", conf, "sync", *flags, src, f"{registry.host}/test/{leaf}-skopeo", check=False
         ),
     }
     name = setup["repo"].rsplit("/", 1)[1]

@@ -35,6 +35,7 @@ class Env:
     authfile: str
     user: str
     password: str
+    digest: str
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +54,17 @@ def env(registry: RegistryServer, auth_registry: RegistryServer, tmp_path_factor
     skopeo("copy", SI, f"docker://{registry.host}/{repo}:oci", f"oci:{tmp}/src-oci:app")
     skopeo("copy", SI, f"docker://{registry.host}/{repo}:v2s2", f"docker-archive:{tmp}/src.tar:app:1")
     skopeo("copy", SI, f"docker://{registry.host}/{repo}:oci", f"oci-archive:{tmp}/src-oci.tar")
-    return Env(registry.host, auth_registry.host, repo, tmp, authfile, user, password)
+    raw = skopeo("inspect", "--raw", I, f"docker://{registry.host}/{repo}:index").stdout
+    (tmp / "index.json").write_text(raw)
+    digest = json.loads(skopeo("inspect", I, f"docker://{registry.host}/{repo}:v2s2").stdout)["Digest"]
+    return Env(registry.host, auth_registry.host, repo, tmp, authfile, user, password, digest)
 
 
 def fill(args: list[str], e: Env, case: str) -> list[str]:
     sub = {
         "{reg}": e.reg, "{auth}": e.auth, "{repo}": e.repo, "{tmp}": str(e.tmp), "{authfile}": e.authfile,
         "{case}": case, "{creds}": f"{e.user}:{e.password}", "{user}": e.user, "{password}": e.password,
+        "{digest}": e.digest,
     }  # fmt: skip
     out = []
     for a in args:
@@ -107,6 +112,16 @@ MATRIX: list[tuple[str, list[str], str, str]] = [
     ("inspect-format-range", ["inspect", I, "--format", "{{range .LayersData}}{{.Digest}} {{.Size}}\n{{end}}",
                               "docker://{reg}/{repo}:v2s2"], "", "exact"),
     ("inspect-dir", ["inspect", "dir:{tmp}/src-dir"], "", "exact"),
+    ("inspect-index-host", ["inspect", I, "--override-arch", "amd64", "docker://{reg}/{repo}:index"], "", "exact"),
+    ("inspect-index-raw-child", ["inspect", I, "--raw", "--override-arch", "arm64", "docker://{reg}/{repo}:index"],
+     "", "exact"),
+    ("copy-index-system-dir", ["--override-arch", "arm64", "copy", SI, "docker://{reg}/{repo}:index",
+                               "dir:{tmp}/{case}-{tool}"], "dir:{tmp}/{case}-{tool}", "shape"),
+    ("copy-digestfile-reg", ["copy", SI, DI, "--digestfile", "{tmp}/{case}-{tool}.txt", "docker://{reg}/{repo}:index",
+                             "docker://{reg}/{repo}-{case}-{tool}:v1"], "{tmp}/{case}-{tool}.txt", "shape"),
+    ("copy-by-digest", ["copy", SI, "docker://{reg}/{repo}@{digest}", "dir:{tmp}/{case}-{tool}"],
+     "dir:{tmp}/{case}-{tool}", "shape"),
+    ("manifest-digest-index", ["manifest-digest", "{tmp}/index.json"], "", "exact"),
     ("inspect-dir-config", ["inspect", "--config", "dir:{tmp}/src-dir"], "", "exact"),
     ("inspect-index-config", ["inspect", I, "--config", "--override-arch", "arm64", "docker://{reg}/{repo}:index"], "",
      "exact"),
