@@ -116,9 +116,22 @@ def uploads_of(log: list[AccessLogEntry], digest: Digest | str) -> list[AccessLo
 
 
 def mounts_of(log: list[AccessLogEntry], digest: Digest | str) -> list[AccessLogEntry]:
+    """Mounts of ``digest`` from another repository (a mount from the repository itself is an existence check)."""
     return [
-        e for e in log if e.method == "POST" and "/blobs/uploads/" in e.path and f"mount={digest}" in unquote(e.query)
+        e for e in log if _mount_from(e, digest) not in (None, e.path.removeprefix("/v2/").rpartition("/blobs/")[0])
     ]
+
+
+def checks_of(log: list[AccessLogEntry], digest: Digest | str) -> list[AccessLogEntry]:
+    """Existence checks of ``digest`` that also open its upload: a mount from the repository into itself."""
+    return [e for e in log if _mount_from(e, digest) == e.path.removeprefix("/v2/").rpartition("/blobs/")[0]]
+
+
+def _mount_from(e: AccessLogEntry, digest: Digest | str) -> str | None:
+    if e.method != "POST" or "/blobs/uploads/" not in e.path:
+        return None
+    query = dict(p.partition("=")[::2] for p in unquote(e.query).split("&"))
+    return query.get("from") if query.get("mount") == str(digest) else None
 
 
 def error_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
@@ -512,6 +525,8 @@ def test_shared_blobs_in_same_repo_are_skipped(
     assert (s["blobs_transferred"], s["blobs_mounted"], s["blobs_skipped"]) == (2, 0, 1)
     log = registry2.access_log(since=mark)
     assert uploads_of(log, shared) == [] and mounts_of(log, shared) == []
+    # one request found it there: the check that would have opened its upload answered 201
+    assert [e.status for e in checks_of(log, shared)] == [201]
     assert inspect_raw(docker(registry2, unique_repo, "b")) == b.manifest
 
 

@@ -694,8 +694,24 @@ def test_rerun_after_a_failure_copies_only_what_is_missing(
     log = dst.access_log(mark)
     written = {q["digest"][0] for e in log if e.method == "PUT" and "/blobs/uploads/" in e.path
                for q in [parse_qs(e.query)]}  # fmt: skip
-    mounted = {parse_qs(e.query)["mount"][0] for e in log if e.method == "POST" and "mount=" in e.query}
+    # mounts that brought a blob (201); a 201 to a mount from mirror/app itself says it was there already
+    mounted = {
+        q["mount"][0]
+        for e in log
+        if e.method == "POST" and "mount=" in e.query and e.status == 201
+        for q in [parse_qs(e.query)]
+        if q["from"][0] != "mirror/app"
+    }
     assert written | mounted == missing
+    # what was there already was found so, never uploaded again
+    present = {
+        q["mount"][0]
+        for e in log
+        if e.method == "POST" and "mount=" in e.query and e.status == 201
+        for q in [parse_qs(e.query)]
+        if q["from"][0] == "mirror/app"
+    }
+    assert not present & written
     assert [e.path for e in log if e.method == "PUT" and "/manifests/" in e.path] == ["/v2/mirror/app/manifests/b"]
     assert "2 up to date" in proc.stderr
     assert tag_digests(dst, "mirror/app") == {t: str(img.digest) for t, img in app.items()}

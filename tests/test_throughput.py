@@ -18,6 +18,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import unquote
 
 import httpx
 import pytest
@@ -116,7 +117,8 @@ def test_small_blob_digest_mismatch_commits_nothing(registry: RegistryServer, un
 class Lying(httpx.BaseTransport):
     """Forwards to a real registry, except that it answers 503 to requests matching a rule, a given number of times.
 
-    ``rules``: (method, regex on path, times; -1 forever). Every request is counted by (method, path kind).
+    ``rules``: (method, regex on the path and query, times; -1 forever). Every request is counted by (method, path)
+    and by (method, path and query).
     """
 
     def __init__(self, rules: list[tuple[str, str, int]]) -> None:
@@ -125,17 +127,22 @@ class Lying(httpx.BaseTransport):
         self.left = [n for _m, _p, n in rules]
         self.lock = threading.Lock()
         self.seen: Counter[tuple[str, str]] = Counter()
-        #: cross-repository mounts (POST ...?mount=) per path
+        #: cross-repository mounts (POST ...?mount=&from=ANOTHER) per path; a mount from the repository into
+        #: itself is an existence check, not counted here
         self.mounts: Counter[str] = Counter()
+        self.seen_full: Counter[tuple[str, str]] = Counter()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
+        target = unquote(request.url.raw_path.decode())
         with self.lock:
             self.seen[(request.method, path)] += 1
-            if request.method == "POST" and b"mount=" in request.url.query:
+            self.seen_full[(request.method, target)] += 1
+            params = request.url.params
+            if request.method == "POST" and params.get("mount") and f"/v2/{params.get('from')}/blobs/" not in path:
                 self.mounts[path] += 1
             for i, (method, rx) in enumerate(self.rules):
-                if request.method == method and rx.search(path) and self.left[i] != 0:
+                if request.method == method and rx.search(target) and self.left[i] != 0:
                     self.left[i] -= 1
                     return httpx.Response(503, json={"errors": [{"code": "UNAVAILABLE", "message": "lying"}]})
         return self.inner.handle_request(request)
@@ -143,6 +150,11 @@ class Lying(httpx.BaseTransport):
     def count(self, method: str, pattern: str) -> int:
         with self.lock:
             return sum(n for (m, p), n in self.seen.items() if m == method and re.search(pattern, p))
+
+    def count_full(self, method: str, pattern: str) -> int:
+        """Like ``count``, the pattern searched in the path and query."""
+        with self.lock:
+            return sum(n for (m, p), n in self.seen_full.items() if m == method and re.search(pattern, p))
 
 
 def copy_through(registry: RegistryServer, registry2: RegistryServer, repo: str, lying: Lying, times: int) -> Report:
@@ -170,7 +182,8 @@ def test_temporary_failures_cost_one_request_each(
     image = build_image(f"retry-{unique_repo}", layers=[3000, 5000], fmt="oci")
     lying = Lying(
         [
-            ("HEAD", f"/blobs/{image.config_digest}$", 2),  # two failed existence checks
+            # two failed existence checks (a mount from the repository itself, which also opens the upload)
+            ("POST", f"/blobs/uploads/[?]mount={image.config_digest}", 2),
             ("PUT", r"/blobs/uploads/", 2),  # two failed closing PUTs (whichever blobs they hit)
             ("PUT", r"/manifests/v1$", 1),
         ]
@@ -179,10 +192,11 @@ def test_temporary_failures_cost_one_request_each(
     assert report.ok, report
     blobs = 3  # config + 2 layers
     # each failure costs exactly one more request of its kind: no request is retried at two levels
-    assert lying.count("HEAD", r"/blobs/sha256:") == blobs + 2
+    assert lying.count_full("POST", r"/blobs/uploads/[?]mount=") == blobs + 2
+    assert lying.count("HEAD", r"/blobs/sha256:") == 0
     assert lying.count("PUT", r"/blobs/uploads/") == blobs + 2
     # a failed upload restarts its session: one more POST per failed PUT, the dead session cancelled
-    assert lying.count("POST", r"/blobs/uploads/$") == blobs + 2
+    assert lying.count_full("POST", r"/blobs/uploads/$") == 2
     assert lying.count("DELETE", r"/blobs/uploads/") == 2
     assert lying.count("PUT", r"/manifests/") == 2
 
@@ -190,11 +204,12 @@ def test_temporary_failures_cost_one_request_each(
 def test_retry_budget_is_not_multiplied(registry: RegistryServer, registry2: RegistryServer, unique_repo: str) -> None:
     image = build_image(f"retry-{unique_repo}", layers=[3000, 5000], fmt="oci")
     bad = image.layers[1].digest
-    lying = Lying([("HEAD", f"/blobs/{bad}$", -1)])
+    lying = Lying([("POST", f"[?]mount={bad}", -1)])
     report = copy_through(registry, registry2, unique_repo, lying, times=3)
     assert not report.ok
     # --retry-times 3: four attempts in all (the old nesting of two levels sent up to 16)
-    assert lying.count("HEAD", f"/blobs/{bad}$") == 4
+    assert lying.count_full("POST", f"[?]mount={bad}") == 4
+    assert lying.count("HEAD", f"/blobs/{bad}$") == 0
     assert lying.count("PUT", r"/manifests/") == 0  # the tag never points at a missing blob
 
 
@@ -514,10 +529,14 @@ def test_no_request_for_a_blob_the_plan_already_put_in_the_repository(
         report = EmbeddedExecutor(ctx, parallel=4).run(plan)
     finally:
         ctx.close()
-    # the shared layer is one step of the three images (a repository is one blob store): one HEAD, one upload
+    # the shared layer is one step of the three images (a repository is one blob store): one check (which opens the
+    # upload) and one upload; no blob gets a HEAD, nor a POST of its own to start its upload
     assert [s.digest for s in plan.blob_steps].count(shared.digest) == 1
     assert report.ok and report.blobs_transferred == 7 and report.blobs_skipped == 0
-    assert counting.count("HEAD", f"/blobs/{shared.digest}$") == 1
+    assert counting.count_full("POST", f"[?]mount={shared.digest}") == 1
+    assert counting.count("HEAD", r"/blobs/") == 0
+    assert counting.count_full("POST", r"/blobs/uploads/$") == 0
+    assert counting.count_full("POST", r"/blobs/uploads/[?]mount=") == 7
     assert counting.count("PUT", r"/blobs/uploads/") == 7
 
 
@@ -554,7 +573,9 @@ def test_one_mount_per_repository_for_a_layer_another_repository_brings(
     assert counting.mounts == Counter(
         {f"/v2/{unique_repo}-m/b/blobs/uploads/": 1, f"/v2/{unique_repo}-m/c/blobs/uploads/": 1}
     )
-    assert counting.count("HEAD", f"/blobs/{shared.digest}$") == 1  # a's check; a mount needs none
+    # a's check (a mount from a into itself, which opened a's upload); a mount needs none; nothing asks with a HEAD
+    assert counting.count_full("POST", f"/{unique_repo}-m/a/blobs/uploads/[?]mount={shared.digest}") == 1
+    assert counting.count("HEAD", f"/blobs/{shared.digest}$") == 0
     with httpx.Client(base_url=registry2.url) as c:
         for repo, tag in pairs:
             resp = c.head(f"/v2/{unique_repo}-m/{repo}/manifests/{tag}", headers={"Accept": OCI_MANIFEST})
@@ -594,3 +615,77 @@ def test_each_thread_keeps_its_own_connections_until_it_ends(registry: RegistryS
     assert pools.pools == 0
     with pytest.raises(RuntimeError, match="closed"):
         client.ping()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# one request asks whether the repository has a blob and starts its upload
+
+
+def test_existence_check_opens_the_upload(registry: RegistryServer, unique_repo: str) -> None:
+    client = RegistryClient(registry.host, options=ClientOptions(tls_verify=False, retry=RetryPolicy(times=0)))
+    data = os.urandom(5000)
+    desc = Descriptor(BLOB_TYPE, Digest.of(data), len(data))
+    location = client.open_upload(unique_repo, desc.digest)
+    assert location is not None  # absent: the registry opened an upload session instead of mounting
+    # a wrong body through that session is refused before its last byte: nothing committed
+    with pytest.raises(DigestMismatch):
+        client.upload_blob(unique_repo, desc, [data[:2500], os.urandom(2500)], location=location)
+    assert not client.blob_exists(unique_repo, desc.digest)
+    location = client.open_upload(unique_repo, desc.digest)
+    assert location is not None
+    client.upload_blob(unique_repo, desc, [data[:2500], data[2500:]], location=location)
+    assert client.blob_size(unique_repo, desc.digest) == len(data)
+    assert client.open_upload(unique_repo, desc.digest) is None  # present: answered 201, nothing opened
+
+
+class Refusing(Lying):
+    """Counts like ``Lying``, and refuses (405 UNSUPPORTED) a mount from a repository into itself."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        params = request.url.params
+        if request.method == "POST" and params.get("mount") and f"/v2/{params.get('from')}/blobs/" in request.url.path:
+            with self.lock:
+                self.seen_full[(request.method, unquote(request.url.raw_path.decode()))] += 1
+            return httpx.Response(405, json={"errors": [{"code": "UNSUPPORTED", "message": "no"}]})
+        return super().handle_request(request)
+
+
+def test_copy_checks_blobs_by_mount_and_falls_back_to_head(
+    registry: RegistryServer, registry2: RegistryServer, unique_repo: str
+) -> None:
+    shared = make_layer(f"shared-{unique_repo}", 3000)
+    push_image(registry.url, unique_repo, "a", build_image(f"{unique_repo}-a", layers=[shared, 700], fmt="oci"))
+    push_image(registry.url, unique_repo, "b", build_image(f"{unique_repo}-b", layers=[shared, 900], fmt="oci"))
+
+    def copy(tag: str, transport: httpx.BaseTransport) -> Report:
+        ctx = EngineContext(
+            source_side=SideConfig(tls_verify=False),
+            dest_side=SideConfig(tls_verify=False, transport=transport),
+            locations=MemoryBlobLocations(),
+        )
+        job = CopyJob(
+            ImageName.parse(f"docker://{registry.host}/{unique_repo}:{tag}"),
+            ImageName.parse(f"docker://{registry2.host}/{unique_repo}:{tag}"),
+        )
+        try:
+            plan, _ = build_plan(ctx, [job], CopyOptions())
+            return EmbeddedExecutor(ctx, parallel=2).run(plan)
+        finally:
+            ctx.close()
+
+    refusing = Refusing([])
+    report = copy("a", refusing)
+    assert report.ok and report.blobs_transferred == 3
+    # each check was refused once, then asked with a HEAD; each upload started with a POST of its own
+    assert refusing.count_full("POST", r"[?]mount=") == 3
+    assert refusing.count("HEAD", r"/blobs/") == 3
+    assert refusing.count_full("POST", r"/blobs/uploads/$") == 3
+
+    counting = Lying([])
+    report = copy("b", counting)
+    # the shared layer is there already: the check (201) answers it and nothing is uploaded for it
+    assert report.ok and report.blobs_skipped == 1 and report.blobs_transferred == 2
+    assert counting.count_full("POST", rf"[?]mount={shared.digest}&from=") == 1
+    assert counting.count("HEAD", r"/blobs/") == 0
+    assert counting.count("PUT", r"/blobs/uploads/") == 2
+    assert counting.count_full("POST", r"/blobs/uploads/$") == 0

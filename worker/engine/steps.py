@@ -21,7 +21,16 @@ from worker.registry import Cancelled, Digest, FerryError, RetryPolicy, is_tempo
 from .compression import staged_chunks, transform
 from .plan import BlobStep, ManifestStep, ResolvedImage
 from .status import BlobAction
-from .transports import ClientPool, ImageDestination, ImageName, ImageSource, SideConfig, open_destination, open_source
+from .transports import (
+    BlobUpload,
+    ClientPool,
+    ImageDestination,
+    ImageName,
+    ImageSource,
+    SideConfig,
+    open_destination,
+    open_source,
+)
 
 if TYPE_CHECKING:
     from .trust import Admission
@@ -205,9 +214,13 @@ def run_blob_step(ctx: EngineContext, step: BlobStep, *, deps_done: bool = False
     """Make the blob exist at the destination: skip if there, else mount, else stream it across.
 
     ``deps_done``: the caller ran this step only after the steps it depends on succeeded (the embedded
-    executor; Celery does not order blob tasks).
+    executor; Celery does not order blob tasks). The existence check of a blob with nothing to mount it from
+    also starts its upload (``ImageDestination.prepare_blob``: one request where a HEAD and a POST were two).
     """
-    return existing_blob(ctx, step, deps_done=deps_done) or transfer_blob(ctx, step)
+    found, upload = _find_blob(ctx, step, deps_done=deps_done, prepare=True)
+    if found is not None:
+        return found
+    return transfer_blob(ctx, step, upload=upload)
 
 
 def blob_store(step: BlobStep) -> str:
@@ -225,6 +238,15 @@ def existing_blob(ctx: EngineContext, step: BlobStep, *, deps_done: bool = False
     (``deps_done``), nothing is sent at all. Otherwise one HEAD, then mounts from repositories the location
     map knows.
     """
+    return _find_blob(ctx, step, deps_done=deps_done, prepare=False)[0]
+
+
+def _find_blob(
+    ctx: EngineContext, step: BlobStep, *, deps_done: bool, prepare: bool
+) -> tuple[BlobResult | None, BlobUpload | None]:
+    """``existing_blob``; with ``prepare``, when no repository is known to mount from, the existence check is
+    ``prepare_blob`` (a registry answers it with a mount from the repository itself: 201 when it has the blob,
+    else the upload session the transfer then uses)."""
     desc = step.descriptor
     digest = str(step.digest)
     dest = ctx.destination(step.destination)
@@ -240,9 +262,14 @@ def existing_blob(ctx: EngineContext, step: BlobStep, *, deps_done: bool = False
             log.info("mount of %s from %s refused (%s); uploading", digest, other, exc)
         return False
 
+    def present() -> tuple[BlobResult, None]:
+        if repo:
+            ctx.locations.add(store, digest, repo)
+        return BlobResult(BlobAction.SKIPPED), None
+
     if deps_done and repo and step.deps and not step.mount_from:
         # the step this one depends on put the blob into this same repository (another tag of it): it is there
-        return BlobResult(BlobAction.SKIPPED)
+        return BlobResult(BlobAction.SKIPPED), None
     tried: set[str] = set()
     if repo:
         sure = [step.mount_from] if step.mount_from else []
@@ -254,28 +281,44 @@ def existing_blob(ctx: EngineContext, step: BlobStep, *, deps_done: bool = False
             if other not in tried and other != repo:
                 tried.add(other)
                 if mount(other):
-                    return BlobResult(BlobAction.MOUNTED)
+                    return BlobResult(BlobAction.MOUNTED), None
+    known: list[str] | None = None
+    if prepare:
+        known = [o for o in ctx.locations.where(store, digest) if o not in tried and o != repo] if repo else []
+        if not known:
+            try:
+                upload = retry.run(lambda: dest.prepare_blob(desc))
+            except FerryError as exc:
+                if is_temporary(exc) or not repo:
+                    raise
+                # a registry that refuses a mount from the repository itself: ask with a HEAD instead
+                log.info("check of %s by a mount refused (%s); asking with HEAD", digest, exc)
+            else:
+                return present() if upload is None else (None, upload)
     if retry.run(lambda: dest.blob_exists(desc)):
-        if repo:
-            ctx.locations.add(store, digest, repo)
-        return BlobResult(BlobAction.SKIPPED)
+        return present()
     if repo:
-        for other in ctx.locations.where(store, digest):
+        for other in ctx.locations.where(store, digest) if known is None else known:
             if other not in tried and other != repo:
                 tried.add(other)
                 if mount(other):
-                    return BlobResult(BlobAction.MOUNTED)
-    return None
+                    return BlobResult(BlobAction.MOUNTED), None
+    return None, None
 
 
-def transfer_blob(ctx: EngineContext, step: BlobStep) -> BlobResult:
-    """Stream the blob from the source to the destination, verified; retried as a whole."""
+def transfer_blob(ctx: EngineContext, step: BlobStep, *, upload: BlobUpload | None = None) -> BlobResult:
+    """Stream the blob from the source to the destination, verified; retried as a whole.
+
+    ``upload``: one ``prepare_blob`` started, for the first attempt that gets as far as streaming (given up
+    if none does).
+    """
     desc = step.descriptor
     digest = str(step.digest)
     dest = ctx.destination(step.destination)
     store, repo = _store_of(step.destination)
     retry = ctx.retry_policy()
     src = ctx.source(step.source)
+    prepared = [upload] if upload is not None else []
 
     def transfer() -> BlobResult:
         if ctx.cancel.is_set():
@@ -285,18 +328,27 @@ def transfer_blob(ctx: EngineContext, step: BlobStep) -> BlobResult:
         # A failed attempt restarts the whole upload session: a streamed body cannot be replayed.
         if step.staged and os.path.exists(step.staged):
             # (de/re)compressed while planning from a local source: send that (the destination verifies it)
-            dest.put_blob(desc, _stream(ctx, digest, staged_chunks(step.staged)))
+            put(staged_chunks(step.staged))
             return BlobResult(BlobAction.TRANSFERRED, desc.size)
         with src.open_blob(step.source_descriptor) as chunks:
             # a layer (de/re)compressed on the fly: the source verifies what is read, the destination the result
             op = step.recompress_op
-            body = transform(chunks, op, f"blob {step.source_digest}") if op else chunks
-            dest.put_blob(desc, _stream(ctx, digest, body))
+            put(transform(chunks, op, f"blob {step.source_digest}") if op else chunks)
         return BlobResult(BlobAction.TRANSFERRED, desc.size)
 
+    def put(body: Iterator[bytes]) -> None:
+        if prepared:
+            dest.put_prepared_blob(desc, _stream(ctx, digest, body), prepared.pop())
+        else:
+            dest.put_blob(desc, _stream(ctx, digest, body))
+
     hosts = [n.reference.api_host for n in (step.source, step.destination) if n.reference]
-    with ctx.hosts.hold(hosts, ctx.cancel):
-        result = retry.run(transfer)
+    try:
+        with ctx.hosts.hold(hosts, ctx.cancel):
+            result = retry.run(transfer)
+    finally:
+        for unused in prepared:
+            unused.cancel()
     if step.staged:
         with contextlib.suppress(OSError):  # sent: the disk space goes back now, not at exit
             os.unlink(step.staged)

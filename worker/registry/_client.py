@@ -770,6 +770,33 @@ class RegistryClient:
             self._cancel_upload(repo, location)
         return False
 
+    def open_upload(self, repo: str, digest: Digest) -> str | None:
+        """Ask whether ``repo`` has the blob and, if not, start its upload: one request for both.
+
+        A cross-repository mount from the repository itself: a registry that has the blob there answers 201
+        (``None`` is returned: nothing to upload); otherwise it falls back to an upload session (202, as the
+        distribution spec says for any mount it cannot make), whose location is returned for ``upload_blob``.
+        A registry that refuses the request raises (the caller then asks with a HEAD).
+        """
+        resp = self._request(
+            "POST",
+            f"/v2/{repo}/blobs/uploads/",
+            params={"mount": str(digest), "from": repo},
+            scopes=self._push(repo),
+            what=f"checking blob {digest} in {self.registry}/{repo}",
+            ok=(201, 202),
+        )
+        if resp.status_code == 201:
+            return None
+        location = str(resp.headers.get("location") or "")
+        if not location:
+            raise RegistryError(f"starting upload to {self.registry}/{repo}: the registry sent no upload location")
+        return urljoin(self.base_url + "/", location)
+
+    def cancel_upload(self, repo: str, location: str) -> None:
+        """Give up an upload session (best effort: it expires on the registry anyway)."""
+        self._cancel_upload(repo, location)
+
     def _start_upload(self, repo: str) -> str:
         resp = self._request(
             "POST",
@@ -801,16 +828,18 @@ class RegistryClient:
         chunks: Iterable[bytes],
         *,
         progress: Callable[[int], None] | None = None,
+        location: str | None = None,
     ) -> None:
         """Upload a blob from a stream of chunks, verifying size and digest on the way.
 
         Small blobs (up to ``MONOLITHIC_LIMIT`` and ``chunk_size``) go in one PUT; larger ones as PATCH
         requests of at most ``chunk_size`` bytes each, streamed, then a closing PUT. On any failure
         (including a digest mismatch) the upload session is cancelled: nothing is
-        committed.
+        committed. ``location``: a session ``open_upload`` started (else one is started here).
         """
         verified = verify_stream(chunks, desc, f"blob {desc.digest}")
-        location = self._start_upload(repo)
+        if location is None:
+            location = self._start_upload(repo)
         what = f"uploading blob {desc.digest} to {self.registry}/{repo}"
         try:
             if 0 <= desc.size <= min(MONOLITHIC_LIMIT, self.options.chunk_size):

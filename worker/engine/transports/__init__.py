@@ -23,7 +23,7 @@ from worker.registry import (
 )
 
 from ..registries_conf import RegistriesConf
-from .base import ImageDestination, ImageSource
+from .base import BlobUpload, ImageDestination, ImageSource
 
 log = logging.getLogger("ferry.transports")
 
@@ -255,6 +255,7 @@ def open_destination(name: ImageName, side: SideConfig, pool: ClientPool | None 
 
 __all__ = [
     "TRANSPORTS",
+    "BlobUpload",
     "ClientKey",
     "ClientPool",
     "ImageDestination",

@@ -129,6 +129,13 @@ def _verified(
         yield iter(verify_stream(chunks, desc, what))
 
 
+class BlobUpload:
+    """An upload ``ImageDestination.prepare_blob`` started; ``cancel()`` gives it up unused."""
+
+    def cancel(self) -> None:
+        """Release what the upload holds (nothing, unless a transport says otherwise)."""
+
+
 class ImageDestination(abc.ABC):
     """Write side of a transport."""
 
@@ -148,6 +155,18 @@ class ImageDestination(abc.ABC):
     @abc.abstractmethod
     def put_blob(self, desc: Descriptor, chunks: Iterable[bytes]) -> None:
         """Store a blob from a stream of chunks, verifying size and digest before commit."""
+
+    def prepare_blob(self, desc: Descriptor) -> BlobUpload | None:
+        """``None`` when the destination has the blob; else a ``BlobUpload`` for ``put_prepared_blob``.
+
+        A registry answers both in one request (and has the upload started); elsewhere this is
+        ``blob_exists``. The caller either puts the blob with the upload or calls its ``cancel()``.
+        """
+        return None if self.blob_exists(desc) else BlobUpload()
+
+    def put_prepared_blob(self, desc: Descriptor, chunks: Iterable[bytes], upload: BlobUpload) -> None:
+        """``put_blob`` into an upload ``prepare_blob`` started (used once; on failure it is given up)."""
+        self.put_blob(desc, chunks)
 
     def mount_blob(self, desc: Descriptor, from_repository: str) -> bool:
         """Cross-repository mount from ``from_repository`` in the same registry.

@@ -7,7 +7,21 @@ from contextlib import AbstractContextManager
 
 from worker.registry import Descriptor, Digest, Reference, RegistryClient
 
-from .base import ImageDestination, ImageSource, StoredManifest
+from .base import BlobUpload, ImageDestination, ImageSource, StoredManifest
+
+
+class RegistryUpload(BlobUpload):
+    """An upload session a registry opened for one blob (its location)."""
+
+    def __init__(self, dest: RegistryDestination, location: str) -> None:
+        self.dest = dest
+        self.location = location
+        self.used = False
+
+    def cancel(self) -> None:
+        if not self.used:
+            self.used = True
+            self.dest.client.cancel_upload(self.dest.repository, self.location)
 
 
 def _ref(reference: Reference, ref: str | Digest | None) -> str | Digest:
@@ -61,6 +75,17 @@ class RegistryDestination(ImageDestination):
 
     def put_blob(self, desc: Descriptor, chunks: Iterable[bytes]) -> None:
         self.client.upload_blob(self.repository, desc, chunks, progress=self.progress)
+
+    def prepare_blob(self, desc: Descriptor) -> BlobUpload | None:
+        location = self.client.open_upload(self.repository, desc.digest)
+        return None if location is None else RegistryUpload(self, location)
+
+    def put_prepared_blob(self, desc: Descriptor, chunks: Iterable[bytes], upload: BlobUpload) -> None:
+        if not isinstance(upload, RegistryUpload) or upload.used:
+            self.put_blob(desc, chunks)
+            return
+        upload.used = True  # upload_blob cancels the session itself when it fails
+        self.client.upload_blob(self.repository, desc, chunks, progress=self.progress, location=upload.location)
 
     def mount_blob(self, desc: Descriptor, from_repository: str) -> bool:
         return self.client.mount_blob(self.repository, desc.digest, from_repository)
