@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,8 +29,8 @@ from tests.conftest import RegistryFactory
 from tests.harness.images import build_image, make_layer, push_image
 from tests.harness.servers import RegistryServer
 from worker.engine.copy import CopyJob, build_plan
-from worker.engine.executor import EmbeddedExecutor, ImageOutcome, PlanFeed, Report
-from worker.engine.plan import BlobStep, CopyOptions, ImagePlan, Plan
+from worker.engine.executor import EmbeddedExecutor, ImageOutcome, NoEvents, PlanFeed, Report
+from worker.engine.plan import BlobStep, CopyOptions, ImagePlan, ManifestStep, Plan
 from worker.engine.steps import BlobResult, EngineContext, HostSlots, MemoryBlobLocations
 from worker.engine.sync import SyncItem, SyncOutcome, SyncRequest, check, discover, sync_pipelined
 from worker.engine.transports import ImageName, SideConfig
@@ -350,6 +351,70 @@ def test_discover_lists_in_parallel_and_keeps_file_order(
     assert source.released_in_time is True  # listings overlapped
     assert in_file_order(disc.items, repos, {"x", "y"})
     assert set(disc.tag_lists) == {f"{registry.host}/{r}" for r in repos}
+
+
+class SlowReferrers(httpx.BaseTransport):
+    """Forwards to a real registry (which has no referrers API: 404); answers referrers requests late, counted."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.referrers = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if "/referrers/" in request.url.path:
+            self.referrers += 1
+            time.sleep(0.5)  # meanwhile the other checks reach their own referrers lookup
+        return self.inner.handle_request(request)
+
+
+def test_referrers_api_is_probed_once_not_by_every_check(
+    registry: RegistryServer, registry2: RegistryServer, unique_repo: str, tmp_path: Path
+) -> None:
+    for n in range(6):
+        push_image(registry.url, unique_repo, f"v{n}", build_image(f"refs-{unique_repo}-{n}", layers=[200], fmt="oci"))
+    yaml_file = tmp_path / "sync.yaml"
+    yaml_file.write_text(f"{registry.host}:\n  tls-verify: false\n  images:\n    {unique_repo}: []\n")
+    source = SlowReferrers()
+    ctx = EngineContext(
+        source_side=SideConfig(tls_verify=False, transport=source), dest_side=SideConfig(tls_verify=False)
+    )
+    req = SyncRequest("yaml", str(yaml_file), "docker", f"{registry2.host}/{unique_repo}-x", CopyOptions())
+    try:
+        disc = discover(ctx, req)
+        checked = check(ctx, disc.items, req, None, parallel=6, tag_lists=disc.tag_lists)
+    finally:
+        ctx.close()
+    assert len(checked.changed) == 6 and not checked.failed
+    assert source.referrers == 1  # the first answer (404: no API) serves all six checks
+
+
+class StartOrder(NoEvents):
+    def __init__(self) -> None:
+        self.started: list[BlobStep | ManifestStep] = []
+
+    def step_started(self, step: BlobStep | ManifestStep) -> None:
+        self.started.append(step)
+
+
+def test_largest_blobs_start_first(registry: RegistryServer, registry2: RegistryServer, unique_repo: str) -> None:
+    # the longest transfers must not start last (they would make the tail of the run)
+    image = build_image(f"order-{unique_repo}", layers=[300, 9000, 40, 5000, 1200], fmt="oci")
+    push_image(registry.url, unique_repo, "v1", image)
+    ctx = EngineContext(source_side=SideConfig(tls_verify=False), dest_side=SideConfig(tls_verify=False))
+    job = CopyJob(
+        ImageName.parse(f"docker://{registry.host}/{unique_repo}:v1"),
+        ImageName.parse(f"docker://{registry2.host}/{unique_repo}-o:v1"),
+    )
+    events = StartOrder()
+    try:
+        plan, _ = build_plan(ctx, [job], CopyOptions())
+        report = EmbeddedExecutor(ctx, parallel=1, events=events).run(plan)
+    finally:
+        ctx.close()
+    assert report.ok
+    sizes = [s.size for s in events.started if isinstance(s, BlobStep)]
+    assert len(sizes) == 6 and sizes == sorted(sizes, reverse=True)
+    assert isinstance(events.started[-1], ManifestStep)
 
 
 class Meeting(httpx.BaseTransport):

@@ -8,11 +8,11 @@ steps never run (so no tag points at missing content) while other images go on.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -151,6 +151,32 @@ class PlanFeed:
                 self._cond.wait(timeout)
 
 
+class _Ready:
+    """Steps ready to run, in the order that ends a run soonest: manifests first (small, and each one brings an
+    image closer to done), then blobs largest first, so the longest transfers never start last and make the
+    tail; ties in arrival order."""
+
+    def __init__(self, steps: dict[str, Step]) -> None:
+        self._steps = steps
+        self._heap: list[tuple[int, int, int, str]] = []
+        self._seq = 0
+
+    def append(self, sid: str) -> None:
+        step = self._steps[sid]
+        self._seq += 1
+        key = (1, -step.size) if isinstance(step, BlobStep) else (0, 0)
+        heapq.heappush(self._heap, (*key, self._seq, sid))
+
+    def popleft(self) -> str:
+        return heapq.heappop(self._heap)[-1]
+
+    def clear(self) -> None:
+        self._heap.clear()
+
+    def __bool__(self) -> bool:
+        return bool(self._heap)
+
+
 class Executor(Protocol):
     def run(self, plan: Plan, feed: PlanFeed | None = None) -> Report: ...
 
@@ -188,7 +214,7 @@ class EmbeddedExecutor:
         remaining: dict[str, set[str]] = {}
         dependents: dict[str, list[str]] = {}
         open_steps: dict[str, set[str]] = {}
-        ready: deque[str] = deque()
+        ready = _Ready(steps)
         #: steps that ran and succeeded; steps that failed (or never ran because a dependency failed) -> error
         succeeded: set[str] = set()
         failed: dict[str, tuple[str, ImageStatus]] = {}

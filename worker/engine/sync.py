@@ -20,6 +20,7 @@ import os
 import posixpath
 import re
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -36,6 +37,7 @@ from worker.registry import (
     NotFound,
     Platform,
     Reference,
+    RegistryClient,
     load_object,
 )
 
@@ -754,10 +756,7 @@ def _extras(
                 )
             )
     client = ctx.pool.client(ref, ctx.source_sides.get(ref.registry, ctx.source_side))
-    try:
-        referrers = client.referrers(ref.repository, desc.digest)
-    except FerryError:
-        referrers = None
+    referrers = _referrers(client, ref.repository, desc.digest)
     for r in referrers or []:
         out.append(
             SyncItem(
@@ -769,6 +768,40 @@ def _extras(
             )
         )
     return out
+
+
+class _FirstAnswer:
+    """Whether a registry has the referrers API is learnt from its first answer: until that answer is in, the
+    other checks wait for it rather than each asking (a registry without the API would get one futile request
+    per image checked meanwhile)."""
+
+    def __init__(self) -> None:
+        self.asking = threading.Lock()
+        self.answered = threading.Event()
+
+
+_FIRST_REFERRERS: weakref.WeakKeyDictionary[RegistryClient, _FirstAnswer] = weakref.WeakKeyDictionary()
+_FIRST_REFERRERS_LOCK = threading.Lock()
+
+
+def _referrers(client: RegistryClient, repository: str, digest: Digest) -> list[Descriptor] | None:
+    with _FIRST_REFERRERS_LOCK:
+        first = _FIRST_REFERRERS.setdefault(client, _FirstAnswer())
+    if not first.answered.is_set():
+        if first.asking.acquire(blocking=False):
+            try:
+                return _referrers_or_none(client, repository, digest)
+            finally:
+                first.answered.set()
+        first.answered.wait(60)  # the first request's own timeouts bound this; past it, ask anyway
+    return _referrers_or_none(client, repository, digest)  # without the API: no request (the client knows)
+
+
+def _referrers_or_none(client: RegistryClient, repository: str, digest: Digest) -> list[Descriptor] | None:
+    try:
+        return client.referrers(repository, digest)
+    except FerryError:
+        return None
 
 
 def _named(ref: Reference) -> ImageName:
