@@ -257,10 +257,16 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
             break
         i += 2 if word in top_values else 1
     verb = verbs.get(argv[split]) if split < len(argv) else None
-    words = normalize_argv(argv[:split], top_values)
+    head = argv[:split]
+    rest = argv[split + 1 :]
+    if verb is not None:
+        # skopeo's global flags are cobra persistent flags: accepted after the verb too (``skopeo copy --debug``)
+        moved, rest = _global_flags_after(parser, verb, rest, top_values)
+        head = head + moved
+    words = normalize_argv(head, top_values)
     if verb is not None:
         words.append(argv[split])
-        words += normalize_argv(argv[split + 1 :], value_flags(verb))
+        words += normalize_argv(rest, value_flags(verb))
     else:
         words += argv[split:]
     args, extras = parser.parse_known_args(words)
@@ -271,6 +277,44 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
             target.error(f"unknown flag: {unknown.split('=', 1)[0]}")
         target.error(f"unexpected argument {extras[0]!r}")
     return args
+
+
+def _global_flags_after(
+    parser: argparse.ArgumentParser, verb: argparse.ArgumentParser, rest: list[str], top_values: set[str]
+) -> tuple[list[str], list[str]]:
+    """Split the words after the verb into global flags the verb does not define itself (with their values)
+    and the verb's own words. ``--version``/``-v`` and ``--help`` stay where they are (not persistent)."""
+    own = {o for a in verb._actions for o in a.option_strings}
+    verb_values = value_flags(verb)
+    top = {
+        o
+        for a in parser._actions
+        if not isinstance(a, argparse._SubParsersAction)
+        for o in a.option_strings
+        if o not in ("-h", "--help", "-v", "--version")
+    }
+    moved: list[str] = []
+    kept: list[str] = []
+    i = 0
+    while i < len(rest):
+        word = rest[i]
+        if word == "--":
+            kept += rest[i:]
+            break
+        name = word.split("=", 1)[0]
+        takes = "=" not in word and i + 1 < len(rest)
+        if name in top and name not in own:
+            moved.append(word)
+            if takes and name in top_values:
+                moved.append(rest[i + 1])
+                i += 1
+        else:
+            kept.append(word)
+            if takes and name in verb_values:
+                kept.append(rest[i + 1])  # a value, even one that looks like a flag
+                i += 1
+        i += 1
+    return moved, kept
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -141,3 +141,20 @@ def test_the_compatibility_table_lists_every_verb_and_flag() -> None:
         if flag not in text:
             missing.append(flag)
     assert not missing, missing
+
+
+GLOBAL_AFTER = [
+    (verb, flag, value) for verb in VERBS if verb != "help" for flag, value in GLOBAL if flag != "--version"
+]
+
+
+@pytest.mark.parametrize(("verb", "flag", "takes_value"), GLOBAL_AFTER, ids=[f"{v} {f}" for v, f, _ in GLOBAL_AFTER])
+def test_every_global_flag_after_the_verb(
+    verb: str, flag: str, takes_value: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """skopeo's global flags are cobra persistent flags: ``skopeo copy --insecure-policy …`` works too."""
+    argv = [verb, *_value(flag, takes_value), *ARGS[verb]]
+    if flag != "--insecure-policy":
+        argv.insert(1, "--insecure-policy")
+    code, err = run_ferry(argv, monkeypatch, tmp_path)
+    check(code, err, " ".join(argv))
