@@ -52,6 +52,8 @@ LOCK_TTL = float(os.environ.get("FERRY_LOCK_TTL", "30"))
 LOCK_WAIT_POLL = float(os.environ.get("FERRY_LOCK_POLL", "2"))
 #: how long a task waits in place for another task's upload of the same blob before it re-queues itself
 LOCK_WAIT_MAX = float(os.environ.get("FERRY_LOCK_WAIT", "60"))
+#: a worker process reads a registry's shared backoff and limits at most this often (seconds; its own 429s at once)
+GATE_CACHE = 5.0
 #: how many times a temporary failure of one blob is retried by re-queueing it
 DEFAULT_TASK_RETRIES = 5
 #: how many times a finalizer that hit a temporary error (a manifest PUT answered 503...) is retried ...
@@ -78,7 +80,7 @@ def _state() -> SharedState:
 
 @lru_cache(maxsize=1)
 def _gate() -> RedisGate:
-    return RedisGate(_state().hosts)
+    return RedisGate(_state().hosts, cache=GATE_CACHE)
 
 
 @lru_cache(maxsize=1)

@@ -48,8 +48,10 @@ local new = rec['status']
 raw = cjson.encode(rec)
 redis.call('hset', KEYS[2], ARGV[1], raw)
 local job_ended = ''
-if old ~= new then
+if old ~= new and mode ~= 'start' then
   redis.call('hset', KEYS[1], 'touched', ARGV[4])
+end
+if old ~= new then
   for _, s in ipairs({'failed', 'cancelled'}) do
     if (old == s) ~= (new == s) then redis.call('hincrby', KEYS[1], s, (new == s) and 1 or -1) end
   end
