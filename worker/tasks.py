@@ -439,9 +439,15 @@ def _copy_blob(
         ctx.close_transports()
     done = BlobState(BlobStatus.DONE, result.action, result.bytes, worker)
     ready, waiting = jobs.blob_done(job_id, step.id, done, image_ids, waited_on)
-    telemetry.count_blob(jobs.r, result.action.value, _host(step.destination))
-    finalize_here(job_id, ready)
-    _release_waiting(job_id, step.id, waiting, True, worker)
+    try:
+        telemetry.count_blob(jobs.r, result.action.value, _host(step.destination))
+        finalize_here(job_id, ready)
+        _release_waiting(job_id, step.id, waiting, True, worker)
+    except Exception as exc:
+        # the blob is done (never to be failed now): run again as a redelivery would, which finalizes its
+        # images and sends the steps that waited for it
+        log.warning("after %s/%s was done: %s; running again", job_id, step.id, _one_line(exc))
+        raise self.retry(countdown=2.0, max_retries=None) from exc
     return {"digest": str(step.digest), "action": result.action.value, "bytes": result.bytes}
 
 
