@@ -26,7 +26,7 @@ import pytest
 
 from producer.progress import LiveProgress
 from tests.conftest import RegistryFactory
-from tests.harness.images import build_image, make_layer, push_image
+from tests.harness.images import build_image, build_multiarch, make_layer, push_image, push_index
 from tests.harness.servers import RegistryServer
 from worker.engine.copy import CopyJob, build_plan
 from worker.engine.executor import EmbeddedExecutor, ImageOutcome, NoEvents, PlanFeed, Report
@@ -386,6 +386,30 @@ def test_referrers_api_is_probed_once_not_by_every_check(
         ctx.close()
     assert len(checked.changed) == 6 and not checked.failed
     assert source.referrers == 1  # the first answer (404: no API) serves all six checks
+
+
+def test_child_manifests_of_an_index_are_read_at_once(
+    registry: RegistryServer, registry2: RegistryServer, unique_repo: str
+) -> None:
+    index = build_multiarch(f"children-{unique_repo}", ["linux/amd64", "linux/arm64"], layers=[300])
+    push_index(registry.url, unique_repo, "v1", index)
+    first, second = (str(c.digest) for c in index.children)
+    met = threading.Event()
+    # the first child's GET is answered only once the second's has arrived: one after the other would stall
+    source = Meeting(met, wait_for=f"^GET /v2/.*/manifests/{first}$", signal=f"^GET /v2/.*/manifests/{second}$")
+    ctx = EngineContext(
+        source_side=SideConfig(tls_verify=False, transport=source), dest_side=SideConfig(tls_verify=False)
+    )
+    job = CopyJob(
+        ImageName.parse(f"docker://{registry.host}/{unique_repo}:v1"),
+        ImageName.parse(f"docker://{registry2.host}/{unique_repo}-c:v1"),
+    )
+    try:
+        plan, _ = build_plan(ctx, [job], CopyOptions(multi_arch="all"))
+    finally:
+        ctx.close()
+    assert source.in_time == [True]
+    assert plan.images[0].dest_digest == str(index.digest)
 
 
 class StartOrder(NoEvents):

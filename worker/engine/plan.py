@@ -366,6 +366,13 @@ def _fetch(src: ImageSource, ref: str | Digest | None) -> SourceManifest:
     return manifest
 
 
+def _fetch_all(src: ImageSource, digests: list[Digest], parallel: bool) -> list[SourceManifest]:
+    if not parallel:
+        return [_fetch(src, d) for d in digests]
+    with ThreadPoolExecutor(max_workers=min(8, len(digests)), thread_name_prefix="ferry-children") as pool:
+        return list(pool.map(lambda d: _fetch(src, d), digests))
+
+
 def resolve_image(
     source_name: ImageName,
     src: ImageSource,
@@ -388,8 +395,12 @@ def resolve_image(
             child = pick_platform(index.manifests, options.system_platform)
             resolved.top = _fetch(src, child.digest)
         elif options.multi_arch != "index-only":
-            for d in _selected(index.manifests, options.platforms):
-                resolved.children[d.digest] = _fetch(src, d.digest)
+            wanted = [d.digest for d in _selected(index.manifests, options.platforms)]
+            # a registry's child manifests are read at once (one round trip, not one per platform); a local
+            # transport (a tar, a layout) reads them one after another
+            parallel = source_name.reference is not None and len(wanted) > 1
+            for digest, child_manifest in zip(wanted, _fetch_all(src, wanted, parallel), strict=True):
+                resolved.children[digest] = child_manifest
     desired = options.compression.desired(destination_name.transport)
     if source_name.reference is not None and not options.compression.explicit:
         desired = "preserve"  # registry to registry stays byte for byte unless a compression flag asks otherwise
