@@ -471,7 +471,7 @@ class RegistryClient:
         replayable = content is None or isinstance(content, bytes)
         # An absolute URL from the registry (upload Location, Link header) may name another host:
         # credentials and tokens go only to this registry's own host.
-        own_host = _same_host(url, self.host)
+        own_host = "://" not in path_or_url or _same_host(url, self.host)  # a path is on this registry's base URL
 
         def attempt() -> httpx.Response:
             tries = 0
