@@ -186,7 +186,27 @@ def _missing_runtime_dir(env: Mapping[str, str]) -> str | None:
     return None
 
 
+#: what the list of auth files depends on, besides ``--authfile``, the uid and whether $XDG_RUNTIME_DIR exists
+_PATH_VARIABLES = ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "HOME", "XDG_CONFIG_HOME", "DOCKER_CONFIG")
+_PATHS_SEEN: dict[tuple[object, ...], tuple[_AuthPath, ...]] = {}
+
+
 def _auth_file_paths(authfile: str | os.PathLike[str] | None, env: Mapping[str, str]) -> list[_AuthPath]:
+    """The auth files to search, in order (worked out once per setting: a sync looks credentials up per image)."""
+    runtime_dir = env.get("XDG_RUNTIME_DIR", "")
+    key = (
+        os.fspath(authfile) if authfile is not None else None,
+        *(env.get(name, "") for name in _PATH_VARIABLES),
+        os.getuid(),
+        bool(runtime_dir) and os.path.exists(runtime_dir),
+    )
+    paths = _PATHS_SEEN.get(key)
+    if paths is None:
+        paths = _PATHS_SEEN[key] = tuple(_list_auth_file_paths(authfile, env))
+    return list(paths)
+
+
+def _list_auth_file_paths(authfile: str | os.PathLike[str] | None, env: Mapping[str, str]) -> list[_AuthPath]:
     explicit = _explicit_auth_file(authfile, env)
     if explicit is not None:
         return [_AuthPath(explicit)]
