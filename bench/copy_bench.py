@@ -297,6 +297,23 @@ def first_line(argv: list[str]) -> str:
     return out.strip().splitlines()[0] if out.strip() else "?"
 
 
+def compile_ferry() -> None:
+    """Compile Ferry's modules to bytecode once, as an installed package is.
+
+    With PYTHONDONTWRITEBYTECODE set (as in this workplace) an editable install is never cached, so every
+    ``ferry`` start would compile its modules from source: about a quarter more start-up instructions that
+    no installed copy pays. Children still read the cached bytecode with the variable set.
+    """
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", str(root / "worker"), str(root / "producer")],
+        env=env,
+        check=False,
+        stdout=subprocess.DEVNULL,
+    )
+
+
 def base_machine_info() -> dict[str, Any]:
     """CPU, memory, kernel, Python and Ferry's version: what every benchmark records of the machine."""
     mem_kib = 0
@@ -444,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900.0, help="kill a copy after this many seconds")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (registry storage, logs)")
     args = parser.parse_args(argv)
+    compile_ferry()
 
     bins = {"ferry": args.ferry, "skopeo": args.skopeo, "curl": args.curl}
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]

@@ -60,6 +60,7 @@ import yaml
 
 from bench.copy_bench import (
     base_machine_info,
+    compile_ferry,
     first_line,
     human_size,
     parse_size,
@@ -758,6 +759,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="kill a sync after this many seconds")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (registry storage, logs)")
     args = parser.parse_args(argv)
+    compile_ferry()
     if args.runs < 1 or args.images < 1 or args.concurrency < 1:
         parser.error("--runs, --images and --concurrency must be >= 1")
     if not os.access(FERRY_BIN, os.X_OK):

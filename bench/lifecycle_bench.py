@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.copy_bench import SKOPEO_BIN, Measurement, base_machine_info, first_line, run_measured
+from bench.copy_bench import SKOPEO_BIN, Measurement, base_machine_info, compile_ferry, first_line, run_measured
 from tests.harness.images import build_image, make_layer, push_cosign_signature, push_image
 from tests.harness.servers import RegistryServer, start_registry, stop_all
 
@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default: {DEFAULT_OUT})")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (registry storage, logs)")
     args = parser.parse_args(argv)
+    compile_ferry()
     if args.tags < 20 or args.runs < 1:
         parser.error("--tags must be >= 20 and --runs >= 1")
 

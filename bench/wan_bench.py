@@ -50,7 +50,7 @@ from typing import Any
 
 import httpx
 
-from bench.copy_bench import GNU_TIME, base_machine_info, first_line, run_measured
+from bench.copy_bench import GNU_TIME, base_machine_info, compile_ferry, first_line, run_measured
 from tests.harness.images import (
     Image,
     Index,
@@ -618,6 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", type=Path, default=DEFAULT_PLOT)
     p.add_argument("--work-dir", default=None, help="temp space (default: $TMPDIR)")
     args = p.parse_args(argv)
+    compile_ferry()
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
 
     work = Path(tempfile.mkdtemp(prefix="ferry-wan-", dir=args.work_dir))
