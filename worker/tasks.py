@@ -23,6 +23,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
@@ -52,6 +53,8 @@ LOCK_TTL = float(os.environ.get("FERRY_LOCK_TTL", "30"))
 LOCK_WAIT_POLL = float(os.environ.get("FERRY_LOCK_POLL", "2"))
 #: how long a task waits in place for another task's upload of the same blob before it re-queues itself
 LOCK_WAIT_MAX = float(os.environ.get("FERRY_LOCK_WAIT", "60"))
+#: how many steps that waited for an upload (mounts, and their images' manifests) its task runs at once when it ends
+RELEASE_THREADS = int(os.environ.get("FERRY_RELEASE_THREADS", "8"))
 #: a worker process reads a registry's shared backoff and limits at most this often (seconds; its own 429s at once)
 GATE_CACHE = 5.0
 #: how many times a temporary failure of one blob is retried by re-queueing it
@@ -341,22 +344,23 @@ def copy_blob(
 
 def _release_waiting(job_id: str, step_id: str, entries: list[str], done: bool, worker: str = "") -> None:
     """Send on the steps that waited for ``step_id``; when it ended done, those that need at most a mount run
-    here, one after the other (each would otherwise cost a task of its own), the rest go to the queue."""
+    here, up to ``RELEASE_THREADS`` at once (each would otherwise cost a task of its own), the rest go to the
+    queue."""
     if not entries:
         return
     if done and worker and not _state().jobs.cancelled(job_id):
-        ctx: EngineContext | None = None
-        left = []
+        ctx = _context(job_id)
         try:
-            for raw in entries:
-                if ctx is None:
-                    ctx = _context(job_id)
-                if not _run_waiting_here(ctx, job_id, raw, step_id, worker):
-                    left.append(raw)
+            if len(entries) == 1:
+                ran = [_run_waiting_here(ctx, job_id, entries[0], step_id, worker)]
+            else:
+                # side by side: each is a round trip or two (a mount, the image's manifests); one after the other
+                # they were the tail of a job whose images share a layer (15 mounts and finalizers in a row)
+                with ThreadPoolExecutor(min(RELEASE_THREADS, len(entries)), thread_name_prefix="ferry-release") as pool:
+                    ran = list(pool.map(lambda raw: _run_waiting_here(ctx, job_id, raw, step_id, worker), entries))
         finally:
-            if ctx is not None:
-                ctx.close_transports()
-        entries = left
+            ctx.close_transports()
+        entries = [raw for raw, here in zip(entries, ran, strict=True) if not here]
     send_waiting(entries, step_id if done else "")
     _state().jobs.forget_waiting(job_id, step_id)
 
