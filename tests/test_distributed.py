@@ -863,7 +863,10 @@ def test_rerun_moves_nothing_and_retry_moves_only_what_failed(
     assert_copied(registry2, ok_repo, "v1", ok_img)
     uploads = [e for e in log if e.method == "PUT" and "/blobs/uploads/" in e.path]
     assert [query(e).get("digest") for e in uploads] == [[broken]], "only the blob that failed is moved again"
-    assert not [e for e in log if e.method == "POST" and query(e).get("mount")]
+    # no mount from another repository (the existence check is a mount from the repository itself: it opens
+    # the upload session of a blob that is not there)
+    mounts = [e for e in log if e.method == "POST" and query(e).get("mount")]
+    assert all(query(e).get("from") == [bad_repo] and e.path.startswith(f"/v2/{bad_repo}/") for e in mounts), mounts
     assert [(e.method, e.path) for e in log if "/manifests/" in e.path and e.method == "PUT"] == [
         ("PUT", f"/v2/{bad_repo}/manifests/v1")
     ]

@@ -37,8 +37,17 @@ from worker.celery_app import app, visibility_timeout
 from worker.engine.plan import BlobStep
 from worker.engine.registries_conf import RegistriesConf
 from worker.engine.status import BlobStatus, ImageStatus
-from worker.engine.steps import BlobResult, EngineContext, blob_store, existing_blob, run_manifest_step, transfer_blob
+from worker.engine.steps import (
+    BlobResult,
+    EngineContext,
+    blob_store,
+    check_blob,
+    existing_blob,
+    run_manifest_step,
+    transfer_blob,
+)
 from worker.engine.transports import ClientPool, ImageName, SideConfig
+from worker.engine.transports.base import BlobUpload
 from worker.engine.trust import Signer, SigningConfig, sign_written
 from worker.registry import USER_AGENT, Cancelled, FerryError, RetryPolicy, is_temporary
 from worker.state import BlobState, RedisGate, SharedState, connect
@@ -417,11 +426,13 @@ def _copy_blob(
         return {"digest": str(step.digest), "action": current.action or "done", "bytes": 0}
     _start_images(job_id, [i for i in image_ids if i not in running])
     ctx = _context(job_id, step)
+    upload: BlobUpload | None = None
     try:
-        # no lock to skip or mount: only an upload must be the only one of its digest to its registry
-        result = existing_blob(ctx, step, deps_done=deps_done)
+        # no lock to skip or mount: only an upload must be the only one of its digest to its registry. The
+        # check of a blob with nothing to mount it from opens its upload session too (one request, not two)
+        result, upload = check_blob(ctx, step, deps_done=deps_done)
         if result is None:
-            result = _upload(self, ctx, job_id, step, worker)
+            result = _upload(self, ctx, job_id, step, worker, upload)
     except FerryError as exc:
         if ctx.cancel.is_set() or jobs.cancelled(job_id):
             state_ = BlobState(BlobStatus.CANCELLED, worker=worker)
@@ -440,6 +451,8 @@ def _copy_blob(
         telemetry.count(jobs.r, "blob_retries", registry=_host(step.destination), reason=type(exc).__name__)
         raise self.retry(countdown=countdown, max_retries=None) from exc
     finally:
+        if upload is not None:
+            upload.cancel()  # not used (a retry, a wait, an error): give the session back
         ctx.close_transports()
     done = BlobState(BlobStatus.DONE, result.action, result.bytes, worker)
     ready, waiting = jobs.blob_done(job_id, step.id, done, image_ids, waited_on)
@@ -455,13 +468,18 @@ def _copy_blob(
     return {"digest": str(step.digest), "action": result.action.value, "bytes": result.bytes}
 
 
-def _upload(self: Task, ctx: EngineContext, job_id: str, step: BlobStep, worker: str) -> BlobResult:
+def _upload(
+    self: Task, ctx: EngineContext, job_id: str, step: BlobStep, worker: str, upload: BlobUpload | None = None
+) -> BlobResult:
     """Stream the blob, holding its in-flight lock; when another task holds it (the same digest to the same
     registry, from another job), wait for that upload to end and look again: a mount or nothing may do then."""
     store = blob_store(step)
     lock = _state().locks.acquire(store, str(step.digest), LOCK_TTL)
     waited = lock is None
     if lock is None:
+        if upload is not None:
+            upload.cancel()  # the other upload may well bring the blob: no session left open while waiting
+            upload = None
         lock = _wait_for_lock(store, str(step.digest), lambda: _state().jobs.cancelled(job_id))
         if lock is None:
             if _state().jobs.cancelled(job_id):
@@ -474,12 +492,14 @@ def _upload(self: Task, ctx: EngineContext, job_id: str, step: BlobStep, worker:
             found = existing_blob(ctx, step)
             if found is not None:
                 return found
-        return _transfer(self, ctx, job_id, step, lock, worker)
+        return _transfer(self, ctx, job_id, step, lock, worker, upload)
     finally:
         release(lock)
 
 
-def _transfer(self: Task, ctx: EngineContext, job_id: str, step: BlobStep, lock: Lock, worker: str) -> BlobResult:
+def _transfer(
+    self: Task, ctx: EngineContext, job_id: str, step: BlobStep, lock: Lock, worker: str, upload: BlobUpload | None
+) -> BlobResult:
     state = _state()
     host = _host(step.destination)
     limit = _gate().limits(host).concurrency if host else 0
@@ -489,7 +509,7 @@ def _transfer(self: Task, ctx: EngineContext, job_id: str, step: BlobStep, lock:
             raise self.retry(countdown=1.0 + random.random() * 2, max_retries=None)
         state.jobs.blob_attempt(job_id, step.id, worker)
         with _heartbeat(ctx, job_id, lock), telemetry.metering(ctx, _meter(job_id, step, worker)):
-            return transfer_blob(ctx, step)
+            return transfer_blob(ctx, step, upload=upload)
 
 
 @lru_cache(maxsize=4)

@@ -241,6 +241,15 @@ def existing_blob(ctx: EngineContext, step: BlobStep, *, deps_done: bool = False
     return _find_blob(ctx, step, deps_done=deps_done, prepare=False)[0]
 
 
+def check_blob(
+    ctx: EngineContext, step: BlobStep, *, deps_done: bool = False
+) -> tuple[BlobResult | None, BlobUpload | None]:
+    """``existing_blob`` whose check may also open the upload (see ``run_blob_step``), for a caller that takes
+    a lock or a slot between the check and the transfer (a worker): it hands the upload to ``transfer_blob``
+    or cancels it (``BlobUpload.cancel`` is a no-op once the upload was used or cancelled)."""
+    return _find_blob(ctx, step, deps_done=deps_done, prepare=True)
+
+
 def _find_blob(
     ctx: EngineContext, step: BlobStep, *, deps_done: bool, prepare: bool
 ) -> tuple[BlobResult | None, BlobUpload | None]:
