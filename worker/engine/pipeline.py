@@ -123,6 +123,10 @@ def prepare_sync(
     (not a dry run): a ``dir:`` destination that exists is refused. Without ``keep_going`` the first failed
     image raises ``InvalidInput``.
     """
+    if writes and not sign and req.dest_kind == "docker":
+        return _prepare_overlapped(
+            ctx, req, memo, parallel=parallel, keep_going=keep_going, on_discovered=on_discovered
+        )
     disc = discover(ctx, req, parallel=parallel)
     if writes and req.dest_kind == "dir":
         refuse_existing_dirs(disc.items)
@@ -145,6 +149,45 @@ def prepare_sync(
         resolved = [r for r in resolved if all(r is not c for c in carried)]
     run.resolved = resolved
     run.plan = plan_copy(resolved, req.options)
+    return run
+
+
+def _prepare_overlapped(
+    ctx: EngineContext,
+    req: SyncRequest,
+    memo: DigestMemo | None,
+    *,
+    parallel: int,
+    keep_going: bool,
+    on_discovered: Callable[[Discovery], None] | None,
+) -> SyncRun:
+    """``prepare_sync`` with its stages overlapped (``sync_pipelined``: each image is checked as soon as it is
+    listed and resolved as soon as it is checked), then put in discovery order, so the plan is the one the
+    staged stages would make. For ``--queue``: the job is planned in the time of its slowest image's round
+    trips, not of each stage's slowest in a row."""
+    feed = PlanFeed()
+    outcome = sync_pipelined(ctx, req, memo, feed, parallel=parallel, keep_going=keep_going)
+    feed.close()
+    disc = outcome.discovery
+    if on_discovered is not None:
+        on_discovered(disc)
+    order = {str(item.destination): n for n, item in enumerate(disc.items)}
+
+    def key(destination: str) -> tuple[int, str]:
+        return order.get(destination, len(order)), destination
+
+    checked = outcome.checked
+    checked.changed.sort(key=lambda item: key(str(item.destination)))
+    checked.unchanged.sort(key=lambda pair: key(str(pair[0].destination)))
+    checked.failed.sort(key=lambda pair: key(str(pair[0].destination)))
+    run = SyncRun(req, disc, checked, failures=_failures(checked.failed))
+    stop_unless_keep_going(run, keep_going)
+    rfailed = sorted(outcome.resolve_failed, key=lambda pair: key(str(pair[0].destination)))
+    run.failures += _failures(rfailed)
+    if rfailed:
+        _stop_unless(keep_going, run.failures[-1])
+    run.resolved = sorted(outcome.resolved, key=lambda r: key(r.destination))
+    run.plan = plan_copy(run.resolved, req.options)
     return run
 
 
