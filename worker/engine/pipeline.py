@@ -115,7 +115,8 @@ def prepare_sync(
     writes: bool = True,
     on_discovered: Callable[[Discovery], None] | None = None,
 ) -> SyncRun:
-    """Discover, check, resolve and plan, one stage after the other (a dry run, ``--queue``, signing, ``dir:``).
+    """Discover, check, resolve and plan the whole sync before any of it runs (a dry run, ``--queue``, signing,
+    ``dir:``): overlapped for ``--queue`` to a registry without signing, else one stage after the other.
 
     ``sign``: images already there are resolved too, to sign them if unsigned. ``signing_on_workers``: a
     worker's finalizer signs by appending to ``sha256-HEX.sig``, and a copied ``.sig`` written by another task
