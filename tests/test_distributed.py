@@ -908,6 +908,45 @@ def test_quiet_keep_going_sync_prints_its_errors(
     assert_copied(registry2, f"quiet-{token}/app", "ok", imgs["ok"])
 
 
+def test_queued_sync_plans_in_discovery_order_and_checks_new_blobs_with_one_request(
+    workers: Workers,
+    registry: RegistryServer,
+    registry2: RegistryServer,
+    queue: str,
+    producer_env: dict[str, str],
+    state: SharedState,
+) -> None:
+    """A queued sync plans its images with the stages overlapped (they finish in any order) but the job lists
+    them in the order discovery found them; a worker checks a new blob with the request that also opens its
+    upload session (a mount from the repository into itself), never with a HEAD first."""
+    token = uuid.uuid4().hex[:8]
+    repo = f"test/dist-order-{token}/app"
+    tags = [f"t{n:02d}" for n in range(8)]
+    imgs = {tag: build_image(f"dist-order-{token}-{tag}", layers=[(4 + n) << 10]) for n, tag in enumerate(tags)}
+    for tag in tags:
+        push_image(registry.url, repo, tag, imgs[tag])
+    listed = httpx.get(f"{registry.url}/v2/{repo}/tags/list").json()["tags"]  # discovery's order (the registry's)
+    assert sorted(listed) == tags
+    mark = registry2.log_mark()
+    src, dst = f"{registry.host}/{repo}", f"{registry2.host}/order-{token}"
+    argv = ["sync", "--src", "docker", "--dest", "docker", *INSECURE, "--wait", "--queue", queue, src, dst]
+    out = ferry(*argv, env=producer_env, check=False)
+    assert out.returncode == 0, f"{out.stdout}\n{out.stderr}\n{workers.logs()}"
+    for tag, img in imgs.items():
+        assert_copied(registry2, f"order-{token}/app", tag, img)
+    job = state.jobs.recent(1)[0]
+    status = job_status(job, queue, producer_env)
+    assert [i["destination"].rsplit(":", 1)[1] for i in status["images"]] == listed
+    log = registry2.access_log(since=mark)
+    assert not [e for e in log if e.method == "HEAD" and "/blobs/" in e.path], "a HEAD before the upload"
+    dest_repo = f"order-{token}/app"
+    checks = [e for e in log if e.method == "POST" and query(e).get("mount")]
+    # every blob of the job is new (layers and configs): one check each, answered with an upload session
+    assert len(checks) == 2 * len(tags), [(e.path, e.status) for e in checks]
+    assert all(query(e).get("from") == [dest_repo] and e.status == 202 for e in checks)
+    assert len([e for e in log if e.method == "PUT" and "/blobs/uploads/" in e.path]) == 2 * len(tags)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # cancel
 
