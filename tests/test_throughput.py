@@ -29,10 +29,11 @@ from tests.conftest import RegistryFactory
 from tests.harness.images import build_image, build_multiarch, make_layer, push_image, push_index
 from tests.harness.servers import RegistryServer
 from worker.engine.copy import CopyJob, build_plan
-from worker.engine.executor import EmbeddedExecutor, ImageOutcome, NoEvents, PlanFeed, Report
+from worker.engine.executor import EmbeddedExecutor, ImageOutcome, NoEvents, Report
+from worker.engine.pipeline import sync_streaming
 from worker.engine.plan import BlobStep, CopyOptions, ImagePlan, ManifestStep, Plan
 from worker.engine.steps import BlobResult, EngineContext, HostSlots, MemoryBlobLocations
-from worker.engine.sync import SyncItem, SyncOutcome, SyncRequest, check, discover, sync_pipelined
+from worker.engine.sync import SyncItem, SyncRequest, check, discover
 from worker.engine.transports import ImageName, SideConfig
 from worker.registry import (
     ClientOptions,
@@ -294,21 +295,14 @@ def test_first_blob_moves_before_discovery_ends(
         locations=MemoryBlobLocations(),
     )
     req = SyncRequest("yaml", str(yaml_file), "docker", f"{registry2.host}/{unique_repo}-m", CopyOptions())
-    feed = PlanFeed()
-    produced: dict[str, SyncOutcome] = {}
-    producer = threading.Thread(target=lambda: produced.update(out=sync_pipelined(ctx, req, None, feed, parallel=4)))
-    producer.start()
     try:
-        report = EmbeddedExecutor(ctx, parallel=4).run(Plan(), feed)
+        run, report = sync_streaming(ctx, req, None, EmbeddedExecutor(ctx, parallel=4), parallel=4)
     finally:
-        feed.close()
-        producer.join()
         ctx.close()
     assert source.released_in_time is True  # a blob was copied while a tag list was still outstanding
     assert report.ok and len(report.images) == 10
-    outcome = produced["out"]
     # discovery order is the file's order, whatever order the listings came back in
-    assert in_file_order(outcome.discovery.items, repos, {"a", "b"})
+    assert in_file_order(run.discovery.items, repos, {"a", "b"})
     assert sorted(source.listings) == sorted(f"/v2/{r}/tags/list" for r in repos)  # each repository listed once
     with httpx.Client(base_url=registry2.url) as c:
         for short, tags in expected.items():
@@ -505,15 +499,9 @@ def test_pipelined_sync_reaches_the_destination_during_discovery(
         locations=MemoryBlobLocations(),
     )
     req = SyncRequest("yaml", str(yaml_file), "docker", f"{registry2.host}/{unique_repo}-r", CopyOptions())
-    feed = PlanFeed()
-    produced: dict[str, SyncOutcome] = {}
-    producer = threading.Thread(target=lambda: produced.update(out=sync_pipelined(ctx, req, None, feed, parallel=4)))
-    producer.start()
     try:
-        report = EmbeddedExecutor(ctx, parallel=4).run(Plan(), feed)
+        _run, report = sync_streaming(ctx, req, None, EmbeddedExecutor(ctx, parallel=4), parallel=4)
     finally:
-        feed.close()
-        producer.join()
         ctx.close()
     assert source.in_time == [True]
     assert report.ok and [i.status.value for i in report.images] == ["done"]
