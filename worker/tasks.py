@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 from celery import Task
 from celery.exceptions import Retry
@@ -56,13 +56,16 @@ from worker.state.locks import InFlightLock, release, renew
 
 log = logging.getLogger("ferry.worker")
 
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
 #: in-flight lock lifetime; a live transfer renews it every third of this
 LOCK_TTL = float(os.environ.get("FERRY_LOCK_TTL", "30"))
 #: longest pause before a task waiting on another worker's upload of the same blob looks again
 LOCK_WAIT_POLL = float(os.environ.get("FERRY_LOCK_POLL", "2"))
 #: how long a task waits in place for another task's upload of the same blob before it re-queues itself
 LOCK_WAIT_MAX = float(os.environ.get("FERRY_LOCK_WAIT", "60"))
-#: how many steps that waited for an upload (mounts, and their images' manifests) its task runs at once when it ends
+#: how many pieces of inline follow-up work (mounts that waited for an upload, finalizers) a task runs at once
 RELEASE_THREADS = int(os.environ.get("FERRY_RELEASE_THREADS", "8"))
 #: a worker process reads a registry's shared backoff and limits at most this often (seconds; its own 429s at once)
 GATE_CACHE = 5.0
@@ -360,13 +363,7 @@ def _release_waiting(job_id: str, step_id: str, entries: list[str], done: bool, 
     if done and worker and not _state().jobs.cancelled(job_id):
         ctx = _context(job_id)
         try:
-            if len(entries) == 1:
-                ran = [_run_waiting_here(ctx, job_id, entries[0], step_id, worker)]
-            else:
-                # side by side: each is a round trip or two (a mount, the image's manifests); one after the other
-                # they were the tail of a job whose images share a layer (15 mounts and finalizers in a row)
-                with ThreadPoolExecutor(min(RELEASE_THREADS, len(entries)), thread_name_prefix="ferry-release") as pool:
-                    ran = list(pool.map(lambda raw: _run_waiting_here(ctx, job_id, raw, step_id, worker), entries))
+            ran = _side_by_side(lambda raw: _run_waiting_here(ctx, job_id, raw, step_id, worker), entries)
         finally:
             ctx.close_transports()
         entries = [raw for raw, here in zip(entries, ran, strict=True) if not here]
@@ -565,7 +562,8 @@ def finalize_here(job_id: str, image_ids: list[str]) -> None:
     if app.conf.worker_send_task_events:
         send_finalizers(job_id, image_ids)
         return
-    for image_id in image_ids:
+
+    def one(image_id: str) -> None:
         try:
             _finalize(job_id, image_id, None, 0.0, 0, ready=True)
         except _Later as later:
@@ -576,6 +574,19 @@ def finalize_here(job_id: str, image_ids: list[str]) -> None:
                 _state().jobs.end_image(job_id, image_id, ImageStatus.FAILED, _one_line(exc))
             except Exception:
                 log.exception("could not record the failure of image %s/%s", job_id, image_id)
+
+    # a layer many images share often ends last: their manifests go side by side, not one round trip after another
+    _side_by_side(one, image_ids)
+
+
+def _side_by_side(run: Callable[[_T], _R], items: list[_T]) -> list[_R]:
+    """``run`` over ``items``, up to ``RELEASE_THREADS`` at once (one item: here); results in ``items``' order.
+    For follow-up work a task does inline (mounts that waited for its upload, finalizers of images it
+    completed): each is a round trip or two, and one after the other they were the tail of a job."""
+    if len(items) <= 1:
+        return [run(item) for item in items]
+    with ThreadPoolExecutor(min(RELEASE_THREADS, len(items)), thread_name_prefix="ferry-inline") as pool:
+        return list(pool.map(run, items))
 
 
 def _finalize(
