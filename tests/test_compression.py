@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import zstandard
 
-from tests.harness.images import build_image, build_index, push_image, push_index
+from tests.harness.images import Image, build_image, build_index, push_image, push_index
 from tests.harness.peer import skopeo
 from tests.harness.servers import RegistryServer
 from tests.test_distributed import (  # noqa: F401 (the Celery fixtures)
@@ -308,15 +308,12 @@ def test_dir_decompress_then_compress_like_skopeo(gz_image: str, tmp_path: Path)
 # -- index children --------------------------------------------------------------------------------------------------
 
 
-def test_index_children_recompressed_like_skopeo(
-    registry: RegistryServer, registry2: RegistryServer, tmp_path: Path
-) -> None:
-    repo = f"test/cidx-{secrets.token_hex(3)}"
-    children = [
-        build_image(f"{repo}-{arch}", layers=[900, 300], fmt="oci", platform=f"linux/{arch}")
-        for arch in ("amd64", "arm64")
-    ]
-    push_index(registry.url, repo, "v1", build_index(children, fmt="oci"))
+def _copy_index_to_zstd_both_ways(
+    registry: RegistryServer, registry2: RegistryServer, repo: str, children: list[Image], fmt: str
+) -> tuple[str, dict[str, Any]]:
+    """Push an index of ``children``, copy it with ``--all --dest-compress-format zstd`` by both tools; the
+    destination (with ``{tool}``) and each tool's raw index."""
+    push_index(registry.url, repo, "v1", build_index(children, fmt=fmt))
     src = f"docker://{registry.host}/{repo}:v1"
     dest = f"docker://{registry2.host}/{repo}-{{tool}}:v1"
     f, s = both("copy", *INSECURE, "--all", "--dest-compress-format", "zstd", src, dest)
@@ -325,6 +322,18 @@ def test_index_children_recompressed_like_skopeo(
         tool: json.loads(skopeo("inspect", "--raw", "--tls-verify=false", dest.replace("{tool}", tool)).stdout)
         for tool in ("ferry", "skopeo")
     }
+    return dest, indexes
+
+
+def test_index_children_recompressed_like_skopeo(
+    registry: RegistryServer, registry2: RegistryServer, tmp_path: Path
+) -> None:
+    repo = f"test/cidx-{secrets.token_hex(3)}"
+    children = [
+        build_image(f"{repo}-{arch}", layers=[900, 300], fmt="oci", platform=f"linux/{arch}")
+        for arch in ("amd64", "arm64")
+    ]
+    dest, indexes = _copy_index_to_zstd_both_ways(registry, registry2, repo, children, "oci")
     assert indexes["ferry"]["mediaType"] == indexes["skopeo"]["mediaType"]
     assert [c["platform"] for c in indexes["ferry"]["manifests"]] == [
         c["platform"] for c in indexes["skopeo"]["manifests"]
@@ -405,15 +414,7 @@ def test_v2s2_list_children_to_zstd_like_skopeo(
     children = [
         build_image(f"{repo}-{arch}", layers=[500], fmt="v2s2", platform=f"linux/{arch}") for arch in ("amd64", "arm64")
     ]
-    push_index(registry.url, repo, "v1", build_index(children, fmt="v2s2"))
-    src = f"docker://{registry.host}/{repo}:v1"
-    dest = f"docker://{registry2.host}/{repo}-{{tool}}:v1"
-    f, s = both("copy", *INSECURE, "--all", "--dest-compress-format", "zstd", src, dest)
-    assert (f.returncode, s.returncode) == (0, 0), (f.stderr, s.stderr)
-    indexes = {
-        tool: json.loads(skopeo("inspect", "--raw", "--tls-verify=false", dest.replace("{tool}", tool)).stdout)
-        for tool in ("ferry", "skopeo")
-    }
+    dest, indexes = _copy_index_to_zstd_both_ways(registry, registry2, repo, children, "v2s2")
     for tool, index in indexes.items():
         assert index["mediaType"] == "application/vnd.docker.distribution.manifest.list.v2+json", tool
         assert [c["mediaType"] for c in index["manifests"]] == [OCI_MANIFEST] * 2, tool
